@@ -1,0 +1,26 @@
+"""Upstream failures, classified by what the caller may safely do next."""
+
+from __future__ import annotations
+
+
+class UpstreamError(Exception):
+    """Any failure talking to an upstream server."""
+
+
+class UpstreamConnectError(UpstreamError):
+    """No connection could be made (refused, unresolvable, connect timeout, pool exhausted).
+
+    Nothing was sent, so the server cannot have started the request: retrying elsewhere is safe.
+    """
+
+
+class UpstreamTimeout(UpstreamError):
+    """The server stopped answering (no headers or no body bytes within the read timeout)."""
+
+
+class UpstreamConnectTimeout(UpstreamConnectError, UpstreamTimeout):
+    """Connecting (or waiting for a pooled connection) took longer than allowed; nothing was sent."""
+
+
+class UpstreamDisconnected(UpstreamError):
+    """The connection died after the request may have reached the server (not safe to retry blindly)."""
