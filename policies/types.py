@@ -57,6 +57,8 @@ class TargetView(msgspec.Struct, frozen=True):
     reported_token_usage: float | None = None
     # How many of this request's prompt tokens the prefix index predicts are cached here.
     predicted_cached_tokens: int = 0
+    # Prompt tokens the server reported waiting to be prefilled (num_waiting_uncached_tokens).
+    reported_waiting_tokens: int | None = None
 
 
 class RequestFeatures(msgspec.Struct, frozen=True):
@@ -79,6 +81,12 @@ class Snapshot(msgspec.Struct, frozen=True):
     targets: tuple[TargetView, ...]
     # Requests this gateway has routed for this model so far; lets round robin stay pure.
     sequence: int = 0
+    # Indices into ``targets`` of those with a predicted cached prefix, deepest match first. May be
+    # capped (large clusters); policies that scan every target need not read it.
+    matched: tuple[int, ...] = ()
+    # Mean in-flight requests over ALL targets of the model; lets a policy that looks at a sample of
+    # a large snapshot still apply a load bound. None: compute it from ``targets``.
+    mean_inflight_requests: float | None = None
 
 
 class Decision(msgspec.Struct, frozen=True):
@@ -90,6 +98,9 @@ class Decision(msgspec.Struct, frozen=True):
     predicted_cached_tokens: int = 0
     # Estimated time to first token on the chosen target, seconds (None if the policy does not model it).
     predicted_ttft_s: float | None = None
+    # Next-best targets, best first: where to go if ``target`` turns out to be taken by another gateway
+    # replica at reservation time.
+    alternatives: tuple[TargetKey, ...] = ()
 
 
 class NoTarget(Exception):

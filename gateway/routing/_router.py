@@ -1,0 +1,535 @@
+"""The Router: request → features → snapshot → policy → reservation → Route with a receipt."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Generic, Protocol, TypeVar
+
+import msgspec
+
+from gateway.routing._features import RoutingRequest, prompt_blocks
+from gateway.state import Choice, Lease, ModelState, StateStore
+from policies.prefix import DEFAULT_BLOCK_BYTES, DEFAULT_BLOCK_IDS, PromptBlocks
+from policies.types import (
+    Decision,
+    NoTarget,
+    Policy,
+    RequestFeatures,
+    Role,
+    Snapshot,
+    TargetKey,
+    TargetView,
+)
+
+__all__ = [
+    "NoHealthyWorker",
+    "Outcome",
+    "RegistryLike",
+    "Route",
+    "Router",
+    "RoutingError",
+    "UnknownModel",
+    "WorkerLike",
+]
+
+# Bytes of canonical prompt per token before any server has told us better (English, ~4).
+_DEFAULT_BYTES_PER_TOKEN = 4.0
+_BYTES_PER_TOKEN_RANGE = (0.5, 16.0)
+_BYTES_PER_TOKEN_ALPHA = 0.2
+# Cache-capacity scale applied after evidence the server evicted what we thought it held.
+_SHRINK = 0.8
+_RECOVER = 1.02
+_MIN_SCALE = 0.05
+_DEFAULT_MAX_NEW_TOKENS = 128
+
+
+class WorkerLike(Protocol):
+    """What routing reads of a registry Worker."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def role(self) -> Role: ...
+    @property
+    def dp_size(self) -> int: ...
+    @property
+    def max_total_num_tokens(self) -> int: ...
+    @property
+    def prefill_tokens_per_s(self) -> float: ...
+    @property
+    def decode_step_s(self) -> float: ...
+
+
+W = TypeVar("W", bound=WorkerLike)
+W_co = TypeVar("W_co", bound=WorkerLike, covariant=True)
+
+
+class RegistryLike(Protocol[W_co]):
+    """What routing needs of the worker registry (gateway.registry.WorkerRegistry)."""
+
+    def workers(
+        self, model: str | None = None, role: Role | None = None, healthy_only: bool = True
+    ) -> Sequence[W_co]: ...
+
+    def models(self) -> list[str]: ...
+
+    def reported_load(self, target: TargetKey) -> Any: ...
+
+
+class RoutingError(Exception):
+    """Routing could not place the request."""
+
+
+class UnknownModel(RoutingError):
+    """No registered server serves the requested model."""
+
+
+class NoHealthyWorker(RoutingError):
+    """Servers for the model exist but none is healthy (or all were excluded)."""
+
+
+class Outcome(msgspec.Struct):
+    """What the upstream response said, for load release and cache-index correction."""
+
+    ok: bool
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+
+
+class Route(Generic[W]):
+    """Where one request goes. Hand it back to ``Router.finish`` exactly once."""
+
+    __slots__ = (
+        "__weakref__",
+        "_blocks",
+        "_finished",
+        "_lease",
+        "_predicted_blocks",
+        "_prior_stamps",
+        "decision",
+        "dp_rank",
+        "receipt_headers",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        decision: Decision,
+        worker: W,
+        dp_rank: int | None,
+        receipt_headers: list[tuple[str, str]],
+        *,
+        lease: Lease,
+        blocks: PromptBlocks,
+        predicted_blocks: int,
+        prior_stamps: tuple[int, ...],
+    ) -> None:
+        self.decision = decision
+        self.worker = worker
+        self.dp_rank = dp_rank
+        self.receipt_headers = receipt_headers
+        self._lease = lease
+        self._blocks = blocks
+        self._predicted_blocks = predicted_blocks
+        self._prior_stamps = prior_stamps
+        self._finished = False
+
+    @property
+    def target(self) -> TargetKey:
+        return self.decision.target
+
+
+def _attr_int(load: Any, *names: str) -> int | None:
+    for name in names:
+        value = getattr(load, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return int(value)
+    return None
+
+
+def _attr_float(load: Any, *names: str) -> float | None:
+    for name in names:
+        value = getattr(load, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _header_safe(text: str) -> str:
+    return text.encode("ascii", "replace").decode().replace("\r", " ").replace("\n", " ")
+
+
+class _Table(Generic[W]):
+    """One model's targets, views cached between requests and patched when loads change."""
+
+    __slots__ = (
+        "base",
+        "load_version",
+        "loads_at",
+        "position",
+        "signature",
+        "total_inflight",
+        "workers",
+    )
+
+    def __init__(self, signature: tuple[Any, ...], workers: dict[str, W]) -> None:
+        self.signature = signature
+        self.workers = workers
+        self.base: list[TargetView] = []
+        self.position: dict[TargetKey, int] = {}
+        self.load_version = -1
+        self.loads_at = float("-inf")
+        self.total_inflight = 0
+
+
+class Router(Generic[W]):
+    """Routes requests for every model the registry serves (see the package docstring)."""
+
+    def __init__(
+        self,
+        registry: RegistryLike[W],
+        store: StateStore,
+        policy: Policy,
+        *,
+        seed: int | None = None,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+        block_ids: int = DEFAULT_BLOCK_IDS,
+        matched_cap: int = 64,
+        reported_load_interval_s: float = 0.25,
+        lease_renew_interval_s: float = 30.0,
+        decisions_kept: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+        role: Role = Role.REGULAR,
+    ) -> None:
+        self.registry = registry
+        self.store = store
+        self.policy = policy
+        self.role = role
+        self._rng = random.Random(seed)
+        self._block_bytes = block_bytes
+        self._block_ids = block_ids
+        self._matched_cap = matched_cap
+        self._reported_interval = reported_load_interval_s
+        self._renew_interval = lease_renew_interval_s
+        self._clock = clock
+        self._tables: dict[str, _Table[W]] = {}
+        self._sequence: dict[str, int] = {}
+        self._decisions: deque[dict[str, Any]] = deque(maxlen=decisions_kept)
+        self._bytes_per_token: dict[str, float] = {}  # per worker URL, and per model under "model:"
+        self._capacity_scale: dict[TargetKey, float] = {}
+        self._live: weakref.WeakSet[Route[W]] = weakref.WeakSet()
+        self._renewed_at = clock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._start_lock = asyncio.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if not self._started:
+                await self.store.start()
+                self._started = True
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.store.aclose()
+        self._started = False
+
+    # -- estimates -------------------------------------------------------------------------------
+
+    def bytes_per_token(self, worker_url: str | None, model: str) -> float:
+        if worker_url is not None:
+            value = self._bytes_per_token.get(worker_url)
+            if value is not None:
+                return value
+        return self._bytes_per_token.get("model:" + model, _DEFAULT_BYTES_PER_TOKEN)
+
+    def _learn_bytes_per_token(self, key: str, observed: float) -> None:
+        low, high = _BYTES_PER_TOKEN_RANGE
+        observed = min(max(observed, low), high)
+        old = self._bytes_per_token.get(key)
+        self._bytes_per_token[key] = (
+            observed if old is None else old + _BYTES_PER_TOKEN_ALPHA * (observed - old)
+        )
+
+    def _tokens_per_block(self, blocks: PromptBlocks, worker_url: str | None, model: str) -> float:
+        if blocks.unit == "ids":
+            return float(blocks.block_size)
+        return blocks.block_size / self.bytes_per_token(worker_url, model)
+
+    def _budget_blocks(self, model: str, worker: W, target: TargetKey) -> int:
+        tokens_per_block = self._block_bytes / self.bytes_per_token(worker.url, model)
+        scale = self._capacity_scale.get(target, 1.0)
+        return max(int(worker.max_total_num_tokens * scale / tokens_per_block), 1)
+
+    # -- snapshot --------------------------------------------------------------------------------
+
+    def _table(self, model: str, workers: Sequence[W], state: ModelState) -> _Table[W]:
+        signature = tuple(
+            (w.url, w.dp_size, w.max_total_num_tokens, w.prefill_tokens_per_s, w.decode_step_s)
+            for w in workers
+        )
+        table = self._tables.get(model)
+        now = self._clock()
+        if table is None or table.signature != signature:
+            table = _Table(signature, {w.url: w for w in workers})
+            self._tables[model] = table
+            self._rebuild(model, table, state, now)
+            return table
+        if now - table.loads_at >= self._reported_interval:
+            self._rebuild(model, table, state, now)
+            return table
+        changed = state.changed_since(table.load_version)
+        if changed is None:
+            self._rebuild(model, table, state, now)
+        elif changed:
+            for key in set(changed):
+                position = table.position.get(key)
+                if position is not None:
+                    self._patch(table, position, state)
+            table.load_version = state.version
+        return table
+
+    def _view(self, worker: W, key: TargetKey, state: ModelState) -> TargetView:
+        load = state.loads.get(key)
+        reported = self.registry.reported_load(key)
+        return TargetView(
+            key=key,
+            role=worker.role,
+            dp_size=worker.dp_size,
+            capacity_tokens=worker.max_total_num_tokens,
+            prefill_tokens_per_s=worker.prefill_tokens_per_s,
+            decode_step_s=worker.decode_step_s,
+            inflight_requests=load.requests if load is not None else 0,
+            inflight_prefill_tokens=load.prefill_tokens if load is not None else 0,
+            reported_waiting=_attr_int(reported, "num_waiting_reqs", "waiting"),
+            reported_running=_attr_int(reported, "num_running_reqs", "running"),
+            reported_token_usage=_attr_float(reported, "token_usage"),
+            reported_waiting_tokens=_attr_int(reported, "num_waiting_uncached_tokens", "waiting_tokens"),
+        )
+
+    def _rebuild(self, model: str, table: _Table[W], state: ModelState, now: float) -> None:
+        views: list[TargetView] = []
+        for url in sorted(table.workers):
+            worker = table.workers[url]
+            for rank in range(max(worker.dp_size, 1)):
+                key = TargetKey(url, rank)
+                views.append(self._view(worker, key, state))
+                state.index.set_budget(key, self._budget_blocks(model, worker, key))
+        table.base = views
+        table.position = {view.key: i for i, view in enumerate(views)}
+        table.total_inflight = sum(view.inflight_requests for view in views)
+        table.load_version = state.version
+        table.loads_at = now
+
+    def _patch(self, table: _Table[W], position: int, state: ModelState) -> None:
+        old = table.base[position]
+        load = state.loads.get(old.key)
+        requests = load.requests if load is not None else 0
+        tokens = load.prefill_tokens if load is not None else 0
+        if requests != old.inflight_requests or tokens != old.inflight_prefill_tokens:
+            table.total_inflight += requests - old.inflight_requests
+            table.base[position] = msgspec.structs.replace(
+                old, inflight_requests=requests, inflight_prefill_tokens=tokens
+            )
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    async def route(self, req: RoutingRequest) -> Route[W]:
+        if not self._started:
+            await self.start()
+        model = req.model
+        workers = self.registry.workers(model=model, role=self.role, healthy_only=True)
+        if not workers:
+            if model not in self.registry.models():
+                raise UnknownModel(f"The model '{model}' does not exist")
+            raise NoHealthyWorker(f"no healthy server for model '{model}'")
+        state = self.store.model(model)
+        table = self._table(model, workers, state)
+        views = table.base
+        if req.exclude:
+            views = [v for v in views if v.key.worker not in req.exclude]
+            if not views:
+                raise NoHealthyWorker(f"no healthy server for model '{model}' left to retry on")
+
+        blocks, batch = prompt_blocks(req, block_bytes=self._block_bytes, block_ids=self._block_ids)
+        if blocks.unit == "ids":
+            prompt_tokens = blocks.length * batch
+        else:
+            prompt_tokens = int(blocks.length * batch / self.bytes_per_token(None, model)) + 1
+        features = RequestFeatures(
+            model=model,
+            prompt_tokens=prompt_tokens,
+            max_new_tokens=req.max_new_tokens if req.max_new_tokens is not None else _DEFAULT_MAX_NEW_TOKENS,
+            stream=req.stream,
+            block_hashes=blocks.hashes,
+            block_tokens=int(self._tokens_per_block(blocks, None, model)),
+        )
+
+        targets = list(views)
+        position = table.position if views is table.base else {v.key: i for i, v in enumerate(views)}
+        matched: list[int] = []
+        match_blocks: dict[TargetKey, int] = {}
+        for match in state.index.match(
+            blocks.hashes, limit=self._matched_cap, rotate=self._rng.getrandbits(32)
+        ):
+            i = position.get(match.target)
+            if i is None:
+                continue
+            view = targets[i]
+            tokens = int(match.blocks * self._tokens_per_block(blocks, view.key.worker, model))
+            targets[i] = msgspec.structs.replace(view, predicted_cached_tokens=min(tokens, prompt_tokens))
+            matched.append(i)
+            match_blocks[match.target] = match.blocks
+
+        sequence = self._sequence.get(model, 0)
+        snapshot = Snapshot(
+            targets=tuple(targets),
+            sequence=sequence,
+            matched=tuple(matched),
+            mean_inflight_requests=table.total_inflight / len(table.base),
+        )
+        try:
+            decision = self.policy.decide(features, snapshot, self._rng)
+        except NoTarget as exc:
+            raise NoHealthyWorker(str(exc)) from exc
+        self._sequence[model] = sequence + 1
+
+        by_key = {
+            v.key: v
+            for v in (
+                targets[position[k]] for k in (decision.target, *decision.alternatives) if k in position
+            )
+        }
+        choices = [
+            Choice(k, by_key[k].inflight_requests)
+            for k in (decision.target, *decision.alternatives)
+            if k in by_key
+        ]
+        stamps = {
+            c.target: state.index.stamps(c.target, blocks.hashes[: match_blocks[c.target]])
+            for c in choices
+            if c.target in match_blocks
+        }
+        chosen_view = by_key[decision.target]
+        lease = await self.store.reserve(
+            model,
+            choices,
+            prefill_tokens=max(prompt_tokens - chosen_view.predicted_cached_tokens, 1),
+            blocks=blocks.hashes,
+        )
+        if lease.target != decision.target:
+            moved = by_key[lease.target]
+            decision = msgspec.structs.replace(
+                decision,
+                target=lease.target,
+                predicted_cached_tokens=moved.predicted_cached_tokens,
+                predicted_ttft_s=None,
+                reason=f"{decision.reason}; first choice taken by another gateway, took #{lease.choice + 1}",
+            )
+        worker = table.workers[lease.target.worker]
+        dp_rank = lease.target.dp_rank if worker.dp_size > 1 else None
+        headers = [
+            ("x-cachet-worker", worker.url),
+            ("x-cachet-dp-rank", str(lease.target.dp_rank)),
+            ("x-cachet-cached-tokens", str(decision.predicted_cached_tokens)),
+            ("x-cachet-reason", _header_safe(decision.reason)),
+            ("x-cachet-policy", decision.policy),
+        ]
+        route: Route[W] = Route(
+            decision,
+            worker,
+            dp_rank,
+            headers,
+            lease=lease,
+            blocks=blocks,
+            predicted_blocks=match_blocks.get(lease.target, 0),
+            prior_stamps=stamps.get(lease.target, ()),
+        )
+        self._live.add(route)
+        self._decisions.append(
+            {
+                "model": model,
+                "worker": worker.url,
+                "dp_rank": lease.target.dp_rank,
+                "policy": decision.policy,
+                "reason": decision.reason,
+                "prompt_tokens": prompt_tokens,
+                "predicted_cached_tokens": decision.predicted_cached_tokens,
+                "predicted_ttft_s": decision.predicted_ttft_s,
+                "candidates": len(targets),
+            }
+        )
+        self._maybe_renew()
+        return route
+
+    def _maybe_renew(self) -> None:
+        now = self._clock()
+        if now - self._renewed_at < self._renew_interval:
+            return
+        self._renewed_at = now
+        leases = [route._lease for route in self._live if not route._finished]
+        if leases:
+            task = asyncio.get_running_loop().create_task(self.store.renew(leases))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def finish(self, route: Route[W], outcome: Outcome) -> None:
+        if route._finished:
+            return
+        route._finished = True
+        self._live.discard(route)
+        lease = route._lease
+        model = lease.model
+        blocks = route._blocks
+        worker = route.worker
+        if blocks.unit == "bytes" and outcome.prompt_tokens and blocks.length > 0:
+            observed = blocks.length / outcome.prompt_tokens
+            if observed > 0:
+                self._learn_bytes_per_token(worker.url, observed)
+                self._learn_bytes_per_token("model:" + model, observed)
+
+        forget: Iterable[int] = ()
+        forget_through: int | None = None
+        target = lease.target
+        scale = self._capacity_scale.get(target, 1.0)
+        new_scale = scale
+        tokens_per_block = self._tokens_per_block(blocks, worker.url, model)
+        predicted_blocks = route._predicted_blocks
+        if outcome.cached_tokens is not None:
+            cached_blocks = int(outcome.cached_tokens / tokens_per_block)
+            # Two blocks of slack absorb the bytes-per-token estimate and page alignment.
+            if cached_blocks + 2 <= predicted_blocks:
+                if cached_blocks < len(route._prior_stamps):
+                    # Strict LRU on the server: what it lost first, it had not used since then.
+                    forget_through = route._prior_stamps[cached_blocks]
+                new_scale = max(scale * _SHRINK, _MIN_SCALE)
+            elif predicted_blocks > 0:
+                new_scale = min(scale * _RECOVER, 1.0)
+            if not outcome.ok:
+                forget = blocks.hashes[max(cached_blocks, predicted_blocks) :]
+        elif not outcome.ok:
+            forget = blocks.hashes[predicted_blocks:]
+        await self.store.release(lease, forget=forget, forget_through_stamp=forget_through)
+        if new_scale != scale:
+            self._capacity_scale[target] = new_scale
+            self.store.model(model).index.set_budget(target, self._budget_blocks(model, worker, target))
+
+    def recent_decisions(self, limit: int) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
+        items = list(self._decisions)[-limit:]
+        items.reverse()
+        return items

@@ -1,0 +1,135 @@
+"""The state-store seam shared by the embedded and the Redis implementations."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
+
+import msgspec
+
+from policies.prefix_index import PrefixIndex
+from policies.types import TargetKey
+
+__all__ = ["Choice", "Lease", "ModelState", "StateStore", "TargetLoad"]
+
+# How many load changes a model remembers so a reader can catch up incrementally.
+_CHANGE_LOG = 4096
+
+
+class TargetLoad(msgspec.Struct):
+    """In-flight work the gateways hold leases for on one target."""
+
+    requests: int = 0
+    prefill_tokens: int = 0
+
+
+class Choice(msgspec.Struct, frozen=True):
+    """A target a request may be reserved on, if it has at most ``max_inflight`` requests in flight
+    at reservation time (what the policy saw, so a replica that got there first is noticed)."""
+
+    target: TargetKey
+    max_inflight: int
+
+
+class Lease(msgspec.Struct):
+    """A reservation of one request's work on a target; expires unless renewed."""
+
+    id: str
+    model: str
+    target: TargetKey
+    prefill_tokens: int
+    # Index (into the choices given) of the target reserved; > 0 when a better one was taken.
+    choice: int = 0
+    # Made while the shared store was unreachable: known only to this gateway.
+    local_only: bool = False
+
+
+class ModelState:
+    """One model's local state: the prefix index, in-flight loads, and a log of load changes."""
+
+    __slots__ = ("_changes", "_version", "index", "loads")
+
+    def __init__(self, default_budget_blocks: int) -> None:
+        self.index = PrefixIndex(default_budget_blocks=default_budget_blocks)
+        self.loads: dict[TargetKey, TargetLoad] = {}
+        self._version = 0
+        self._changes: deque[tuple[int, TargetKey]] = deque(maxlen=_CHANGE_LOG)
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def touch(self, target: TargetKey) -> None:
+        self._version += 1
+        self._changes.append((self._version, target))
+
+    def add_load(self, target: TargetKey, requests: int, prefill_tokens: int) -> None:
+        load = self.loads.get(target)
+        if load is None:
+            load = self.loads[target] = TargetLoad()
+        load.requests = max(load.requests + requests, 0)
+        load.prefill_tokens = max(load.prefill_tokens + prefill_tokens, 0)
+        self.touch(target)
+
+    def set_load(self, target: TargetKey, requests: int, prefill_tokens: int) -> None:
+        load = self.loads.get(target)
+        if load is not None and load.requests == requests and load.prefill_tokens == prefill_tokens:
+            return
+        self.loads[target] = TargetLoad(requests, prefill_tokens)
+        self.touch(target)
+
+    def changed_since(self, version: int) -> list[TargetKey] | None:
+        """Targets whose load changed after ``version``; None if the log no longer reaches back."""
+        if version == self._version:
+            return []
+        changes = self._changes
+        if not changes or changes[0][0] > version + 1:
+            return None
+        out: list[TargetKey] = []
+        for seen, target in reversed(changes):
+            if seen <= version:
+                break
+            out.append(target)
+        return out
+
+
+class StateStore(Protocol):
+    """Routing state: the prefix index (a local mirror, read synchronously on the hot path) and
+    in-flight leases (reserved and released asynchronously, atomically across gateway replicas)."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    def model(self, model: str) -> ModelState:
+        """The local state for ``model`` (created empty on first use)."""
+        ...
+
+    async def reserve(
+        self, model: str, choices: Sequence[Choice], *, prefill_tokens: int, blocks: Sequence[int]
+    ) -> Lease:
+        """Reserve the first choice still within its in-flight bound (else the first choice: a request
+        is never refused here) and record ``blocks`` as cached on the target reserved."""
+        ...
+
+    async def release(
+        self, lease: Lease, *, forget: Iterable[int] = (), forget_through_stamp: int | None = None
+    ) -> None:
+        """End ``lease``; and, for the prefix index, forget blocks the target turned out not to hold:
+        ``forget`` by hash, and every entry of the target not used since ``forget_through_stamp``."""
+        ...
+
+    async def renew(self, leases: Sequence[Lease]) -> None:
+        """Extend the expiry of ``leases`` (requests still streaming)."""
+        ...
+
+    def forget_target(self, model: str, target: TargetKey) -> None:
+        """The target flushed its cache or restarted: it holds nothing."""
+        ...
+
+    def status(self) -> Mapping[str, object]:
+        """Health and counters for the admin API."""
+        ...

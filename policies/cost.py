@@ -1,0 +1,58 @@
+"""The shared cost model: how long until a request's first token on a given target.
+
+Mooncake's Conductor and Preble reduce routing to one comparable number per target: the time to
+first token (TTFT) = time waiting behind the work already queued there + time prefilling the part
+of this prompt that is not cached there. Both terms are divided by *that* target's prefill speed,
+so a fast 8×H200 node and a slow 16×H20 TP16 pair are compared in seconds, not in tokens.
+"""
+
+from __future__ import annotations
+
+from policies.types import RequestFeatures, TargetView
+
+__all__ = ["queue_wait_s", "queued_prefill_tokens", "running_requests", "ttft_s", "uncached_tokens"]
+
+# Below this speed a target is treated as this slow (guards a zero or missing seed).
+_MIN_PREFILL_TOKENS_PER_S = 1.0
+
+
+def queued_prefill_tokens(target: TargetView) -> int:
+    """Prompt tokens ahead of a new request on this target.
+
+    The gateway's own leases are the freshest signal; the server's last report also sees traffic
+    from other clients, but may be a poll interval old. Take the larger: neither undercounts the other.
+    """
+    reported = target.reported_waiting_tokens
+    if reported is None or reported < target.inflight_prefill_tokens:
+        return target.inflight_prefill_tokens
+    return reported
+
+
+def running_requests(target: TargetView) -> int:
+    reported = (target.reported_running or 0) + (target.reported_waiting or 0)
+    return max(reported, target.inflight_requests)
+
+
+def queue_wait_s(target: TargetView) -> float:
+    """Seconds before this target starts prefilling a new request.
+
+    Queued prompt tokens at this target's prefill speed, plus half a decode step when a batch is
+    running: SGLang finishes the step in flight before it schedules the new prefill.
+    """
+    speed = max(target.prefill_tokens_per_s, _MIN_PREFILL_TOKENS_PER_S)
+    wait = queued_prefill_tokens(target) / speed
+    if running_requests(target) > 0:
+        wait += 0.5 * target.decode_step_s
+    return wait
+
+
+def uncached_tokens(features: RequestFeatures, target: TargetView) -> int:
+    # SGLang never reuses the whole prompt: at least the last token is computed.
+    cached = min(target.predicted_cached_tokens, max(features.prompt_tokens - 1, 0))
+    return max(features.prompt_tokens - cached, 1)
+
+
+def ttft_s(features: RequestFeatures, target: TargetView) -> float:
+    """Estimated time to first token of ``features`` on ``target``, in seconds."""
+    speed = max(target.prefill_tokens_per_s, _MIN_PREFILL_TOKENS_PER_S)
+    return queue_wait_s(target) + uncached_tokens(features, target) / speed

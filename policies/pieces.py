@@ -1,0 +1,152 @@
+"""Small named building blocks policies are assembled from, in llm-d's shape:
+candidates → filters → scorers → picker.
+
+Every piece works on indices into ``snapshot.targets`` so nothing is copied per decision, and every
+piece is pure (randomness only through the ``rng`` it is handed).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Protocol
+
+from policies import cost
+from policies.types import RequestFeatures, Snapshot
+
+__all__ = [
+    "AllTargets",
+    "BoundedLoad",
+    "CandidateSource",
+    "Filter",
+    "MatchedPlusSample",
+    "NearBestPicker",
+    "Pick",
+    "Scorer",
+    "TtftScorer",
+    "mean_inflight",
+]
+
+
+class CandidateSource(Protocol):
+    name: str
+
+    def candidates(self, snapshot: Snapshot, rng: random.Random) -> list[int]: ...
+
+
+class Filter(Protocol):
+    name: str
+
+    def keep(self, features: RequestFeatures, snapshot: Snapshot, candidates: list[int]) -> list[int]: ...
+
+
+class Scorer(Protocol):
+    """Lower is better."""
+
+    name: str
+
+    def score(self, features: RequestFeatures, snapshot: Snapshot, index: int) -> float: ...
+
+
+def mean_inflight(snapshot: Snapshot) -> float:
+    if snapshot.mean_inflight_requests is not None:
+        return snapshot.mean_inflight_requests
+    targets = snapshot.targets
+    if not targets:
+        return 0.0
+    return sum(t.inflight_requests for t in targets) / len(targets)
+
+
+class AllTargets:
+    name = "all"
+
+    def candidates(self, snapshot: Snapshot, rng: random.Random) -> list[int]:
+        return list(range(len(snapshot.targets)))
+
+
+class MatchedPlusSample:
+    """Every target when the snapshot is small; otherwise the deepest prefix matches plus a random
+    sample of the rest (power of d choices), so a decision stays O(cap + sample) on 1,000+ targets.
+    """
+
+    name = "matched+sample"
+
+    def __init__(self, *, exact_up_to: int = 128, matched_cap: int = 64, sample: int = 32) -> None:
+        self.exact_up_to = exact_up_to
+        self.matched_cap = matched_cap
+        self.sample = sample
+
+    def candidates(self, snapshot: Snapshot, rng: random.Random) -> list[int]:
+        n = len(snapshot.targets)
+        if n <= self.exact_up_to:
+            return list(range(n))
+        chosen = list(snapshot.matched[: self.matched_cap])
+        seen = set(chosen)
+        for index in rng.sample(range(n), min(self.sample, n)):
+            if index not in seen:
+                seen.add(index)
+                chosen.append(index)
+        return chosen
+
+
+class BoundedLoad:
+    """Drop targets holding more than ``factor`` × mean in-flight + 1 requests, unless all do.
+
+    Consistent hashing with bounded loads (Mirrokni et al.; KubeAI uses 1.25): the cache may pull
+    traffic towards a target, but never far past its share.
+    """
+
+    name = "bounded-load"
+
+    def __init__(self, factor: float = 1.25) -> None:
+        self.factor = factor
+
+    def keep(self, features: RequestFeatures, snapshot: Snapshot, candidates: list[int]) -> list[int]:
+        limit = self.factor * mean_inflight(snapshot) + 1.0
+        targets = snapshot.targets
+        kept = [i for i in candidates if targets[i].inflight_requests <= limit]
+        return kept or candidates
+
+
+class TtftScorer:
+    name = "ttft"
+
+    def score(self, features: RequestFeatures, snapshot: Snapshot, index: int) -> float:
+        return cost.ttft_s(features, snapshot.targets[index])
+
+
+class Pick:
+    """The picker's answer: the chosen index, the ranked rest, how many were near-equal."""
+
+    __slots__ = ("index", "near", "ranked")
+
+    def __init__(self, index: int, ranked: list[tuple[float, int]], near: int) -> None:
+        self.index = index
+        self.ranked = ranked
+        self.near = near
+
+
+class NearBestPicker:
+    """The lowest score wins, but every score within tolerance of it counts as a tie.
+
+    Among ties the deepest predicted cache wins (keeps a prefix's KV in one place), and remaining
+    ties are broken at random: a burst of cache misses on an idle cluster spreads instead of all
+    landing on the first target (sglang #32983).
+    """
+
+    name = "near-best"
+
+    def __init__(self, *, rel_tol: float = 0.05, abs_tol_s: float = 0.002) -> None:
+        self.rel_tol = rel_tol
+        self.abs_tol_s = abs_tol_s
+
+    def pick(self, snapshot: Snapshot, scored: Sequence[tuple[float, int]], rng: random.Random) -> Pick:
+        ranked = sorted(scored)
+        best = ranked[0][0]
+        bound = best + max(self.abs_tol_s, self.rel_tol * best)
+        near = [index for score, index in ranked if score <= bound]
+        targets = snapshot.targets
+        deepest = max(targets[i].predicted_cached_tokens for i in near)
+        finalists = [i for i in near if targets[i].predicted_cached_tokens == deepest]
+        chosen = finalists[0] if len(finalists) == 1 else finalists[rng.randrange(len(finalists))]
+        return Pick(chosen, ranked, len(near))

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from gateway.routing import (
+    NoHealthyWorker,
+    Outcome,
+    Router,
+    RoutingRequest,
+    UnknownModel,
+    make_router,
+)
+from gateway.routing.static import StaticLoad as FakeLoad
+from gateway.routing.static import StaticRegistry as FakeRegistry
+from gateway.routing.static import StaticWorker
+from gateway.state import MemoryStore
+from policies import get_policy
+from policies.types import TargetKey
+
+SYSTEM = "You are a meticulous assistant. " * 120  # ~3.8 kB shared system prompt
+
+
+def chat(question: str, model: str = "m") -> RoutingRequest:
+    return RoutingRequest(
+        model=model,
+        endpoint="chat",
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+    )
+
+
+def FakeWorker(url: str, **kw: object) -> StaticWorker:
+    return StaticWorker(url, model="m", **kw)  # type: ignore[arg-type]
+
+
+def two_servers(dp: int = 1) -> FakeRegistry:
+    return FakeRegistry([FakeWorker("http://a", dp_size=dp), FakeWorker("http://b", dp_size=dp)])
+
+
+async def test_round_robin_cycles_over_every_dp_rank() -> None:
+    router = make_router("round_robin", two_servers(dp=2), seed=1)
+    seen = []
+    for i in range(8):
+        route = await router.route(chat(f"q{i}"))
+        seen.append((route.worker.url, route.dp_rank))
+        await router.finish(route, Outcome(ok=True))
+    assert seen[:4] == [("http://a", 0), ("http://a", 1), ("http://b", 0), ("http://b", 1)]
+    assert seen[4:] == seen[:4]
+
+
+async def test_dp_rank_is_none_for_single_rank_servers() -> None:
+    router = make_router("round_robin", two_servers(dp=1), seed=1)
+    route = await router.route(chat("q"))
+    assert route.dp_rank is None
+    headers = dict(route.receipt_headers)
+    assert headers["x-cachet-worker"] == route.worker.url
+    assert headers["x-cachet-dp-rank"] == "0"
+    assert headers["x-cachet-policy"] == "round_robin"
+    assert headers["x-cachet-reason"].startswith("round robin")
+
+
+async def test_prefix_aware_follows_the_cached_prefix() -> None:
+    router = make_router("prefix_aware", two_servers(), seed=7)
+    first = await router.route(chat("first question"))
+    await router.finish(first, Outcome(ok=True, prompt_tokens=1000, cached_tokens=0))
+    second = await router.route(chat("second question"))
+    assert second.worker.url == first.worker.url
+    assert second.decision.predicted_cached_tokens > 500
+    assert "prefix hit" in dict(second.receipt_headers)["x-cachet-reason"]
+    assert int(dict(second.receipt_headers)["x-cachet-cached-tokens"]) > 500
+
+
+async def test_leases_count_in_flight_until_finish() -> None:
+    store = MemoryStore()
+    router = Router(two_servers(), store, get_policy("least_load"), seed=3)
+    routes = [await router.route(chat(f"q{i}")) for i in range(6)]
+    loads = store.model("m").loads
+    assert sum(load.requests for load in loads.values()) == 6
+    # power of two choices over two targets always picks the lighter one: perfect balance
+    assert sorted(load.requests for load in loads.values()) == [3, 3]
+    for route in routes:
+        await router.finish(route, Outcome(ok=True))
+        await router.finish(route, Outcome(ok=True))  # a second finish is a no-op
+    assert sum(load.requests for load in loads.values()) == 0
+
+
+async def test_unknown_model_and_no_healthy_worker() -> None:
+    registry = two_servers()
+    router = make_router("round_robin", registry, seed=1)
+    with pytest.raises(UnknownModel):
+        await router.route(chat("q", model="nope"))
+    for worker in registry.items:
+        worker.healthy = False
+    with pytest.raises(NoHealthyWorker):
+        await router.route(chat("q"))
+
+
+async def test_exclude_avoids_a_failed_worker() -> None:
+    router = make_router("prefix_aware", two_servers(), seed=1)
+    for i in range(5):
+        route = await router.route(msgspec.structs.replace(chat(f"q{i}"), exclude=frozenset({"http://a"})))
+        assert route.worker.url == "http://b"
+        await router.finish(route, Outcome(ok=False))
+    with pytest.raises(NoHealthyWorker):
+        await router.route(msgspec.structs.replace(chat("q"), exclude=frozenset({"http://a", "http://b"})))
+
+
+async def test_recent_decisions_newest_first_and_bounded() -> None:
+    store = MemoryStore()
+    router = Router(two_servers(), store, get_policy("round_robin"), seed=1, decisions_kept=3)
+    for i in range(5):
+        await router.finish(await router.route(chat(f"q{i}")), Outcome(ok=True))
+    recent = router.recent_decisions(10)
+    assert len(recent) == 3
+    assert recent[0]["reason"].startswith("round robin #4")
+    assert router.recent_decisions(1)[0] == recent[0]
+
+
+async def test_reported_load_steers_prefix_aware_away() -> None:
+    registry = two_servers()
+    registry.loads[TargetKey("http://a")] = FakeLoad(num_waiting_reqs=5, num_waiting_uncached_tokens=50_000)
+    router = make_router("prefix_aware", registry, seed=1)
+    for i in range(4):
+        route = await router.route(chat(f"q{i}"))
+        assert route.worker.url == "http://b"
+        await router.finish(route, Outcome(ok=True))
+
+
+async def test_generate_input_ids_and_text_route() -> None:
+    router = make_router("prefix_aware", two_servers(), seed=2)
+    ids = list(range(1000))
+    first = await router.route(RoutingRequest(model="m", endpoint="generate", input_ids=ids))
+    await router.finish(first, Outcome(ok=True, prompt_tokens=1000, cached_tokens=0))
+    again = await router.route(RoutingRequest(model="m", endpoint="generate", input_ids=[*ids, 5, 6]))
+    assert again.worker.url == first.worker.url
+    assert again.decision.predicted_cached_tokens == 960  # 15 full blocks of 64 ids
+    odd = await router.route(RoutingRequest(model="m", endpoint="generate", input_ids=[[1, 2], [3]]))
+    assert odd.decision.predicted_cached_tokens == 0
+    text = await router.route(RoutingRequest(model="m", endpoint="generate", text=["a" * 600, "b"]))
+    assert text.worker.url in {"http://a", "http://b"}
