@@ -70,9 +70,7 @@ class LeastLoad:
         return Decision(
             target=chosen.key,
             policy=self.name,
-            reason=(
-                f"least load of 2: {chosen.inflight_requests} in flight vs {other.inflight_requests}"
-            ),
+            reason=(f"least load of 2: {chosen.inflight_requests} in flight vs {other.inflight_requests}"),
             predicted_cached_tokens=chosen.predicted_cached_tokens,
             alternatives=() if other is chosen else (other.key,),
         )

@@ -129,7 +129,8 @@ class Pick:
 class NearBestPicker:
     """The lowest score wins, but every score within tolerance of it counts as a tie.
 
-    Among ties the deepest predicted cache wins (keeps a prefix's KV in one place), and remaining
+    Among ties the deepest predicted cache wins (keeps a prefix's KV in one place), then the fewest
+    requests in flight (decode batches the estimate deems negligible still cost), and remaining
     ties are broken at random: a burst of cache misses on an idle cluster spreads instead of all
     landing on the first target (sglang #32983).
     """
@@ -148,5 +149,8 @@ class NearBestPicker:
         targets = snapshot.targets
         deepest = max(targets[i].predicted_cached_tokens for i in near)
         finalists = [i for i in near if targets[i].predicted_cached_tokens == deepest]
+        if len(finalists) > 1:
+            lightest = min(targets[i].inflight_requests for i in finalists)
+            finalists = [i for i in finalists if targets[i].inflight_requests == lightest]
         chosen = finalists[0] if len(finalists) == 1 else finalists[rng.randrange(len(finalists))]
         return Pick(chosen, ranked, len(near))

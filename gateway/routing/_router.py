@@ -317,7 +317,9 @@ class Router(Generic[W]):
             reported_waiting=_attr_int(reported, "num_waiting_reqs", "waiting"),
             reported_running=_attr_int(reported, "num_running_reqs", "running"),
             reported_token_usage=_attr_float(reported, "token_usage"),
-            reported_waiting_tokens=_attr_int(reported, "num_waiting_uncached_tokens", "waiting_tokens"),
+            reported_waiting_tokens=_attr_int(
+                reported, "num_waiting_uncached_tokens", "waiting_uncached_tokens"
+            ),
         )
 
     def _rebuild(self, model: str, table: _Table[W], state: ModelState, now: float) -> None:

@@ -16,6 +16,7 @@ from gateway.routing.static import StaticRegistry as FakeRegistry
 from gateway.routing.static import StaticWorker
 from gateway.state import MemoryStore
 from policies import get_policy
+from policies.prefix import hash_bytes_blocks
 from policies.types import TargetKey
 
 SYSTEM = "You are a meticulous assistant. " * 120  # ~3.8 kB shared system prompt
@@ -138,3 +139,49 @@ async def test_generate_input_ids_and_text_route() -> None:
     assert odd.decision.predicted_cached_tokens == 0
     text = await router.route(RoutingRequest(model="m", endpoint="generate", text=["a" * 600, "b"]))
     assert text.worker.url in {"http://a", "http://b"}
+
+
+def prompt(tag: str) -> RoutingRequest:
+    return RoutingRequest(model="m", endpoint="generate", text=tag * 2048)
+
+
+async def test_reported_eviction_forgets_what_the_server_lost() -> None:
+    store = MemoryStore()
+    registry = FakeRegistry([FakeWorker("http://a")])
+    router = Router(registry, store, get_policy("prefix_aware"), seed=1)
+    for tag in "xyz":  # x oldest, z newest
+        await router.finish(
+            await router.route(prompt(tag)), Outcome(ok=True, prompt_tokens=512, cached_tokens=0)
+        )
+    index = store.model("m").index
+    target = TargetKey("http://a")
+    again = await router.route(prompt("y"))
+    assert again.decision.predicted_cached_tokens >= 500
+    # The server had evicted y (so, being LRU, x too); z, newer, survives; y is cached again now.
+    await router.finish(again, Outcome(ok=True, prompt_tokens=512, cached_tokens=0))
+    x, y, z = (router_blocks(tag) for tag in "xyz")
+    assert not any(index.holds(target, h) for h in x)
+    assert all(index.holds(target, h) for h in y + z)
+    assert index.budget(target) < 100_000 // 64  # capacity estimate shrank
+
+
+async def test_failed_request_forgets_its_optimistic_blocks() -> None:
+    store = MemoryStore()
+    router = Router(FakeRegistry([FakeWorker("http://a")]), store, get_policy("prefix_aware"), seed=1)
+    route = await router.route(prompt("q"))
+    assert store.model("m").index.blocks_on(TargetKey("http://a")) == 8  # 2048 bytes
+    await router.finish(route, Outcome(ok=False))
+    assert store.model("m").index.blocks_on(TargetKey("http://a")) == 0
+
+
+async def test_bytes_per_token_learned_from_reported_prompt_tokens() -> None:
+    router = make_router("prefix_aware", two_servers(), seed=1)
+    route = await router.route(prompt("w"))  # 2048 bytes
+    await router.finish(route, Outcome(ok=True, prompt_tokens=1024, cached_tokens=0))
+    assert router.bytes_per_token(route.worker.url, "m") == pytest.approx(2.0)
+    again = await router.route(prompt("w"))
+    assert again.decision.predicted_cached_tokens == 1024  # 8 blocks x 128 tok
+
+
+def router_blocks(tag: str) -> list[int]:
+    return list(hash_bytes_blocks((tag * 2048).encode()).hashes)

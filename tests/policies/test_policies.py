@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import msgspec
+import pytest
+
+from policies import UnknownPolicy, get_policy, policy_names
+from policies.pieces import MatchedPlusSample
+from policies.types import NoTarget, RequestFeatures, Role, Snapshot, TargetKey, TargetView
+
+
+def view(name: str, **kw: object) -> TargetView:
+    fields: dict[str, object] = {
+        "role": Role.REGULAR,
+        "dp_size": 1,
+        "capacity_tokens": 100_000,
+        "prefill_tokens_per_s": 10_000.0,
+        "decode_step_s": 0.02,
+    }
+    fields.update(kw)
+    return TargetView(key=TargetKey(name), **fields)  # type: ignore[arg-type]
+
+
+FEATURES = RequestFeatures(model="m", prompt_tokens=3500)
+
+
+def test_registry_names_and_unknown() -> None:
+    assert policy_names() == ["least_load", "prefix_aware", "random", "round_robin"]
+    assert get_policy("round_robin").name == "round_robin"
+    assert get_policy("prefix_aware") is not get_policy("prefix_aware")
+    with pytest.raises(UnknownPolicy, match="choose one of"):
+        get_policy("nope")
+
+
+@pytest.mark.parametrize("name", policy_names())
+def test_every_policy_refuses_an_empty_snapshot(name: str) -> None:
+    with pytest.raises(NoTarget):
+        get_policy(name).decide(FEATURES, Snapshot(targets=()), random.Random(0))
+
+
+def test_round_robin_uses_the_sequence() -> None:
+    targets = tuple(view(n) for n in "abc")
+    policy = get_policy("round_robin")
+    picks = [
+        policy.decide(FEATURES, Snapshot(targets, sequence=s), random.Random(0)).target.worker
+        for s in range(5)
+    ]
+    assert picks == ["a", "b", "c", "a", "b"]
+
+
+def test_random_is_pinned_by_seed() -> None:
+    targets = tuple(view(n) for n in "abcd")
+    policy = get_policy("random")
+    rng = random.Random(42)
+    picks = [policy.decide(FEATURES, Snapshot(targets), rng).target.worker for _ in range(8)]
+    assert picks == ["a", "a", "c", "b", "b", "b", "a", "a"]
+    rng = random.Random(42)
+    assert picks == [policy.decide(FEATURES, Snapshot(targets), rng).target.worker for _ in range(8)]
+
+
+def test_least_load_takes_the_lighter_of_two() -> None:
+    targets = (view("a", inflight_requests=5), view("b", inflight_requests=1), view("c", inflight_requests=3))
+    policy = get_policy("least_load")
+    rng = random.Random(1)
+    picks = Counter(policy.decide(FEATURES, Snapshot(targets), rng).target.worker for _ in range(300))
+    assert "a" not in picks  # the heaviest never wins a pair
+    assert picks["b"] > picks["c"] > 0  # b wins every pair it is in, c only against a
+    decision = policy.decide(FEATURES, Snapshot(targets), random.Random(7))
+    assert decision.reason.startswith("least load of 2")
+    assert len(decision.alternatives) == 1
+
+
+def test_prefix_aware_prefers_the_prefix_hit() -> None:
+    targets = (view("a"), view("b", predicted_cached_tokens=3072), view("c"))
+    decision = get_policy("prefix_aware").decide(FEATURES, Snapshot(targets), random.Random(0))
+    assert decision.target.worker == "b"
+    assert decision.predicted_cached_tokens == 3072
+    # 428 uncached tokens at 10k tok/s vs the whole 3500
+    assert decision.reason == "prefix hit 3072/3500 tok; est ttft 0.043s vs 0.350s next"
+    assert decision.predicted_ttft_s == pytest.approx(0.0428)
+    assert set(k.worker for k in decision.alternatives) == {"a", "c"}
+
+
+def test_prefix_aware_leaves_a_hit_whose_queue_makes_it_slower() -> None:
+    # b holds most of the prompt but 4 s of prefill is queued ahead of it there
+    targets = (
+        view("a"),
+        view("b", predicted_cached_tokens=3072, inflight_prefill_tokens=40_000, inflight_requests=1),
+    )
+    decision = get_policy("prefix_aware").decide(FEATURES, Snapshot(targets), random.Random(0))
+    assert decision.target.worker == "a"
+    assert decision.reason.startswith("cache miss 3500 tok; est ttft 0.350s vs 4.053s next")
+
+
+def test_prefix_aware_compares_unequal_speeds_in_seconds() -> None:
+    slow = {"prefill_tokens_per_s": 5_000.0}
+    fast = {"prefill_tokens_per_s": 20_000.0}
+    idle = (view("slow", **slow), view("fast", **fast))
+    policy = get_policy("prefix_aware")
+    assert policy.decide(FEATURES, Snapshot(idle), random.Random(0)).target.worker == "fast"
+    # a deep hit on the slow node beats a full prefill on the fast one (0.1 s vs 0.175 s) ...
+    hit = (view("slow", predicted_cached_tokens=3000, **slow), view("fast", **fast))
+    assert policy.decide(FEATURES, Snapshot(hit), random.Random(0)).target.worker == "slow"
+    # ... but a shallow one does not (0.5 s vs 0.175 s)
+    shallow = (view("slow", predicted_cached_tokens=1000, **slow), view("fast", **fast))
+    assert policy.decide(FEATURES, Snapshot(shallow), random.Random(0)).target.worker == "fast"
+
+
+def test_prefix_aware_spreads_a_burst_of_misses() -> None:
+    targets = tuple(view(f"t{i}") for i in range(8))
+    policy = get_policy("prefix_aware")
+    rng = random.Random(3)
+    # Same stale snapshot for every request (as several gateways between syncs would see it):
+    picks = Counter(policy.decide(FEATURES, Snapshot(targets), rng).target.worker for _ in range(64))
+    assert len(picks) == 8
+    assert max(picks.values()) <= 16
+    # With the load of each routed request visible, eight requests land on eight targets.
+    live = list(targets)
+    chosen = []
+    for _ in range(8):
+        key = policy.decide(FEATURES, Snapshot(tuple(live)), rng).target
+        chosen.append(key.worker)
+        i = next(i for i, t in enumerate(live) if t.key == key)
+        live[i] = msgspec.structs.replace(
+            live[i], inflight_requests=live[i].inflight_requests + 1, inflight_prefill_tokens=3500
+        )
+    assert len(set(chosen)) == 8
+
+
+def test_prefix_aware_bounded_load_overrides_a_hit() -> None:
+    hot = view("hot", predicted_cached_tokens=3400, inflight_requests=10)
+    targets = (hot, view("a"), view("b"), view("c"))
+    decision = get_policy("prefix_aware").decide(FEATURES, Snapshot(targets), random.Random(0))
+    assert decision.target.worker != "hot"  # 10 > 1.25 x mean 2.5 + 1
+    # when every target is over the bound, the bound is ignored
+    crowded = tuple(msgspec.structs.replace(t, inflight_requests=10) for t in targets)
+    decision = get_policy("prefix_aware").decide(FEATURES, Snapshot(crowded), random.Random(0))
+    assert decision.target.worker == "hot"
+
+
+def test_prefix_aware_is_deterministic_given_the_seed() -> None:
+    targets = tuple(view(f"t{i}", inflight_requests=i % 3) for i in range(6))
+    policy = get_policy("prefix_aware")
+    first = [policy.decide(FEATURES, Snapshot(targets), random.Random(11)) for _ in range(3)]
+    assert first[0] == first[1] == first[2]
+    assert first[0].target.worker == "t3"  # t0 and t3 are the idle ones; the seed picks t3
+
+
+def test_prefix_aware_on_a_large_snapshot_looks_at_matches_and_a_sample() -> None:
+    targets = [view(f"t{i:04d}", inflight_requests=1) for i in range(1024)]
+    targets[700] = msgspec.structs.replace(targets[700], predicted_cached_tokens=3400)
+    snapshot = Snapshot(tuple(targets), matched=(700,), mean_inflight_requests=1.0)
+    source = MatchedPlusSample()
+    candidates = source.candidates(snapshot, random.Random(0))
+    assert candidates[0] == 700
+    assert len(candidates) == 33
+    decision = get_policy("prefix_aware").decide(FEATURES, snapshot, random.Random(0))
+    assert decision.target.worker == "t0700"
