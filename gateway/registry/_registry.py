@@ -224,7 +224,7 @@ class WorkerRegistry:
 
     async def _probe_health(self, url: str) -> bool:
         try:
-            status, _ = await http_get(self._transport, url + "https://gh.072103.xyz/health", self._timeout_s)
+            status, _ = await http_get(self._transport, url + "/health", self._timeout_s)
         except DiscoveryError:
             return False
         return status == 200
@@ -262,7 +262,7 @@ class WorkerRegistry:
             if status != 200:
                 log.debug("load poll of %s%s answered %d", worker.url, path, status)
                 return False
-            parse = parse_v1_loads if path == "https://gh.072103.xyz/v1/loads" else parse_get_load
+            parse = parse_v1_loads if path == "/v1/loads" else parse_get_load
             try:
                 reports = parse(body, worker.max_total_num_tokens or None)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
