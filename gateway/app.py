@@ -1,0 +1,184 @@
+"""The gateway application: components built once from the config, one ASGI app in front of them.
+
+    gateway = Gateway.from_config(config)        # transport, registry, router, telemetry
+    app = create_app(gateway)                    # ASGI: hot paths raw, the rest litestar
+    uvicorn.run(app, ...)                        # lifespan starts and stops the components
+
+The three generation endpoints are served by raw ASGI handlers (gateway.http.proxy) that the app
+dispatches to by exact path before litestar is involved; health, models and admin endpoints are
+ordinary litestar routes. ``app_from_environment`` is the factory uvicorn's worker processes
+import (the parent passes the resolved config in CACHET_RESOLVED_CONFIG).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import msgspec
+from litestar import Litestar
+
+from gateway.config import GatewayConfig
+from gateway.http import GatewayASGI, Proxy, ProxySettings, RouterLike, build_litestar
+from gateway.registry import Worker, WorkerRegistry, WorkerSpec
+from gateway.routing import make_router
+from gateway.telemetry import Telemetry
+from gateway.upstream import DEFAULT_TRANSPORT, Transport, make_transport
+from policies.types import Role
+
+__all__ = ["RESOLVED_CONFIG_ENV", "Gateway", "RegistryAPI", "app_from_environment", "create_app"]
+
+logger = logging.getLogger("cachet.gateway")
+
+RESOLVED_CONFIG_ENV = "CACHET_RESOLVED_CONFIG"
+
+
+class RegistryAPI(Protocol):
+    """What the app needs of gateway.registry.WorkerRegistry (tests may pass a fake)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def workers(
+        self, model: str | None = None, role: Role | None = None, healthy_only: bool = True
+    ) -> Sequence[Worker]: ...
+
+    def models(self) -> list[str]: ...
+
+    async def add(self, spec: WorkerSpec) -> Worker: ...
+
+    async def remove(self, url: str) -> bool: ...
+
+
+class _Startable(Protocol):
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Gateway:
+    """The running parts of one gateway process."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        transport: Transport,
+        registry: RegistryAPI,
+        router: RouterLike,
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        self.config = config
+        self.transport = transport
+        self.registry = registry
+        self.router = router
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig) -> Gateway:
+        transport = make_transport(
+            config.transport or DEFAULT_TRANSPORT,
+            max_connections=config.max_connections,
+            connect_timeout=config.connect_timeout_s,
+            read_timeout=config.read_timeout_s,
+            keepalive_expiry=config.keepalive_expiry_s,
+        )
+        specs = [
+            WorkerSpec(url=w.url, role=Role(w.role), bootstrap_port=w.bootstrap_port, model=w.model)
+            for w in config.workers
+        ]
+        registry = WorkerRegistry(
+            specs,
+            transport,
+            health_interval_s=config.health_interval_s,
+            fail_threshold=config.health_fail_threshold,
+            recover_threshold=config.health_recover_threshold,
+            load_interval_s=config.load_interval_s,
+        )
+        router = make_router(config.policy, registry, redis_url=config.redis_url, seed=config.seed)
+        return cls(
+            config,
+            transport=transport,
+            registry=registry,
+            router=router,
+            telemetry=Telemetry(otlp_endpoint=config.otlp_endpoint),
+        )
+
+    def expected_models(self) -> list[str]:
+        """Models /readiness waits for: the configured list, else every model the workers serve."""
+        if self.config.models:
+            return list(self.config.models)
+        return self.registry.models()
+
+    def readiness(self) -> tuple[bool, dict[str, int]]:
+        """(ready, healthy workers per expected model)."""
+        expected = self.expected_models()
+        healthy = {model: len(self.registry.workers(model=model, healthy_only=True)) for model in expected}
+        ready = bool(expected) and all(count > 0 for count in healthy.values())
+        # Configured servers not yet discovered serve a model we cannot name yet: not ready.
+        undiscovered = [w for w in self.registry.workers(healthy_only=False) if not w.discovered]
+        return ready and not (undiscovered and not self.config.models), healthy
+
+    async def start(self) -> None:
+        await self.registry.start()
+        router_start: Callable[[], Any] | None = getattr(self.router, "start", None)
+        if router_start is not None:
+            await router_start()
+        logger.info(
+            "gateway ready to route: %d worker(s), models %s, policy %s, state %s",
+            len(self.registry.workers(healthy_only=False)),
+            self.registry.models(),
+            self.config.policy,
+            "redis" if self.config.redis_url else "embedded",
+        )
+
+    async def stop(self) -> None:
+        try:
+            await self.registry.stop()
+        finally:
+            try:
+                router_close: Callable[[], Any] | None = getattr(self.router, "aclose", None)
+                if router_close is not None:
+                    await router_close()
+            finally:
+                await self.transport.aclose()
+                self.telemetry.shutdown()
+
+
+def create_app(gateway: Gateway) -> GatewayASGI:
+    """The ASGI app serving ``gateway``; its lifespan starts and stops the gateway's components."""
+
+    @asynccontextmanager
+    async def lifespan(_app: Litestar) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    config = gateway.config
+    report_failure: Callable[[str], None] | None = getattr(gateway.registry, "report_failure", None)
+    proxy = Proxy(
+        router=gateway.router,
+        transport=gateway.transport,
+        models=gateway.registry.models,
+        telemetry=gateway.telemetry,
+        settings=ProxySettings(
+            max_body_bytes=config.max_body_bytes, retries=config.retries, retry_after_s=config.retry_after_s
+        ),
+        on_connect_failure=report_failure,
+    )
+    return GatewayASGI(proxy, build_litestar(gateway, lifespan=lifespan))
+
+
+def app_from_environment() -> GatewayASGI:
+    """Factory for uvicorn worker processes: the config resolved by the parent, from the environment."""
+    raw = os.environ.get(RESOLVED_CONFIG_ENV)
+    if raw is None:
+        raise RuntimeError(f"{RESOLVED_CONFIG_ENV} is not set; start the gateway with `gateway serve`")
+    config = msgspec.json.decode(raw.encode(), type=GatewayConfig)
+    return create_app(Gateway.from_config(config))

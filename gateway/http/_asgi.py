@@ -1,0 +1,108 @@
+"""Small raw-ASGI helpers for the hot path (no framework objects per request)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+from gateway.errors import GatewayError, bad_request, body_too_large
+
+__all__ = [
+    "ASGIApp",
+    "ClientGone",
+    "Message",
+    "Receive",
+    "Scope",
+    "Send",
+    "encode_headers",
+    "read_body",
+    "send_error",
+    "send_response",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+JSON = b"application/json"
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body had arrived."""
+
+
+def encode_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+
+
+async def send_response(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]], content_type: bytes = JSON
+) -> None:
+    """A complete response in two ASGI messages, with Content-Length."""
+    raw = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_error(send: Send, error: GatewayError) -> None:
+    await send_response(send, error.status, error.body(), encode_headers(error.headers))
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                raise bad_request("Content-Length is not an integer") from None
+    return None
+
+
+# Media types whose body is read as JSON. Form-urlencoded is what ``curl -d`` declares when no
+# header is given; its body is still the JSON the user typed, so refusing it would only get in the way.
+_JSON_COMPATIBLE = frozenset({JSON, b"text/plain", b"application/x-www-form-urlencoded"})
+
+
+def _check_content_type(scope: Scope) -> None:
+    """JSON bodies only: a JSON-compatible (or missing) Content-Type is read as JSON; a media type
+    that says the body is something else (multipart, XML, binary...) is refused with a 400."""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            if media in _JSON_COMPATIBLE or (media.startswith(b"application/") and media.endswith(b"+json")):
+                return
+            raise bad_request(
+                f"Content-Type must be application/json, got {value.decode('latin-1')!r}",
+                code="unsupported_content_type",
+            )
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole request body, refusing (413) anything over ``limit`` bytes before reading it all."""
+    declared = _content_length(scope)
+    if declared is not None and declared > limit:
+        raise body_too_large(limit)
+    _check_content_type(scope)
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGone
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        if len(body) > limit:
+            raise body_too_large(limit)
+        return body
+    parts = [body]
+    size = len(body)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(limit)
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)

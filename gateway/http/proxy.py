@@ -1,0 +1,476 @@
+"""The hot path: one raw ASGI handler per proxied endpoint.
+
+    body bytes ─▶ routing view ─▶ router.route() ─▶ backends.sglang.shape_request() ─▶ transport.send()
+         ◀── upstream bytes, unchanged, plus receipt headers ◀──┘        router.finish(outcome) ◀─┘
+
+Nothing here goes through the web framework: per request there is one body decode (the routing
+view), one routing call, one upstream exchange whose bytes are forwarded as they arrive, and one
+decode of the final event or body for token counts. Everything else was resolved at start-up.
+
+Failure rules:
+- before the client has seen a byte (connect error, timeout before headers, a 5xx status, a
+  connection lost before the first body byte) the request is retried on another server, at most
+  ``retries`` times, then answered with an OpenAI-shaped 502/503/504;
+- after the first byte of a stream, the stream is ended with an SSE error event and ``[DONE]``;
+- an upstream 4xx is passed through unchanged;
+- a client that goes away closes the upstream response at once, so SGLang aborts the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+import msgspec
+
+from backends.sglang import shape_request
+from gateway.errors import (
+    GatewayError,
+    internal_error,
+    method_not_allowed,
+    model_not_found,
+    no_healthy_worker,
+    sse_error_event,
+    upstream_failed,
+)
+from gateway.http._asgi import ClientGone, Receive, Scope, Send, encode_headers, read_body, send_error
+from gateway.http._usage import Usage, usage_from_body, usage_from_stream_tail
+from gateway.http._views import CHAT, COMPLETION, GENERATE, Endpoint, decode_view, is_batch
+from gateway.routing import NoHealthyWorker, Outcome, Route, RoutingRequest, UnknownModel
+from gateway.telemetry import RequestSpan, Telemetry
+from gateway.upstream import (
+    Transport,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamRequest,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
+
+__all__ = ["PROXIED_PATHS", "Proxy", "ProxySettings", "RouterLike"]
+
+logger = logging.getLogger("cachet.gateway.proxy")
+
+# Client headers not forwarded: the transport sets framing headers itself, and the body is always
+# sent as JSON whatever the client declared.
+_DROPPED_REQUEST_HEADERS = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"content-type",
+        b"expect",
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"x-data-parallel-rank",
+    }
+)
+# Upstream response headers our server writes itself.
+_DROPPED_RESPONSE_HEADERS = frozenset({"content-length", "date", "server"})
+_EVENT_STREAM = "text/event-stream"
+# Raw chunks kept to find the last event of a stream (one cumulative /generate event can span
+# several reads).
+_TAIL_CHUNKS = 8
+
+
+class RouterLike(Protocol):
+    """What the proxy needs of gateway.routing.Router."""
+
+    async def route(self, req: RoutingRequest) -> Route[Any]: ...
+
+    async def finish(self, route: Route[Any], outcome: Outcome) -> None: ...
+
+    def recent_decisions(self, limit: int) -> list[dict[str, Any]]: ...
+
+
+class ProxySettings(msgspec.Struct, frozen=True):
+    max_body_bytes: int = 4 * 1024 * 1024
+    retries: int = 2
+    retry_after_s: int = 2
+
+
+PROXIED_PATHS: dict[str, tuple[Endpoint, tuple[str, ...]]] = {
+    CHAT.path: (CHAT, ("POST",)),
+    COMPLETION.path: (COMPLETION, ("POST",)),
+    GENERATE.path: (GENERATE, ("POST", "PUT")),
+}
+
+
+class _Exchange:
+    """Per-request state shared with the disconnect watcher."""
+
+    __slots__ = ("completing", "disconnected", "started", "streaming")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.streaming = False
+        self.completing = False
+        self.disconnected = False
+
+
+class _UpstreamFailed(Exception):
+    """One attempt failed before the client saw a byte; another server may be tried."""
+
+    def __init__(self, message: str, *, timeout: bool = False, status: int | None = None) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+        self.status = status
+
+
+def _response_headers(response: UpstreamResponse, route: Route[Any]) -> list[tuple[bytes, bytes]]:
+    raw = [
+        (name.lower().encode("latin-1"), value.encode("latin-1"))
+        for name, value in response.headers
+        if name.lower() not in _DROPPED_RESPONSE_HEADERS
+    ]
+    raw.extend(encode_headers(route.receipt_headers))
+    return raw
+
+
+def _is_event_stream(response: UpstreamResponse) -> bool:
+    for name, value in response.headers:
+        if name.lower() == "content-type":
+            return value.startswith(_EVENT_STREAM)
+    return False
+
+
+class Proxy:
+    """Routes and forwards the OpenAI and native generation endpoints."""
+
+    def __init__(
+        self,
+        *,
+        router: RouterLike,
+        transport: Transport,
+        models: Callable[[], list[str]],
+        telemetry: Telemetry | None = None,
+        settings: ProxySettings | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        on_connect_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        """``on_connect_failure(url)`` hears of every server that could not be reached (the
+        registry counts it toward taking the server out before its next health check)."""
+        self._on_connect_failure = on_connect_failure
+        self._router = router
+        self._transport = transport
+        self._models = models
+        self._telemetry = telemetry if telemetry is not None else Telemetry()
+        self._settings = settings if settings is not None else ProxySettings()
+        self._clock = clock
+
+    def _default_model(self) -> str | None:
+        models = self._models()
+        return models[0] if len(models) == 1 else None
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve ``scope["path"]``, which must be one of PROXIED_PATHS."""
+        endpoint, methods = PROXIED_PATHS[scope["path"]]
+        if scope["method"] not in methods:
+            await send_error(send, method_not_allowed(scope["method"], scope["path"], methods))
+            return
+        exchange = _Exchange()
+        try:
+            body = await read_body(scope, receive, self._settings.max_body_bytes)
+            request = decode_view(endpoint, body, self._default_model)
+        except GatewayError as error:
+            await send_error(send, error)
+            return
+        except ClientGone:
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.get_running_loop().create_task(self._watch(receive, exchange, task))
+        try:
+            await self._proxy(
+                endpoint=endpoint, scope=scope, request=request, body=body, send=send, exchange=exchange
+            )
+        except asyncio.CancelledError:
+            if not exchange.disconnected:
+                raise
+            task.uncancel()
+        except Exception as exc:  # the catch-all: whatever broke, the client gets an answer
+            logger.exception("unexpected error while proxying %s", scope["path"])
+            await self._fail_late(send, exchange, internal_error(exc))
+        finally:
+            watcher.cancel()
+
+    @staticmethod
+    async def _watch(receive: Receive, exchange: _Exchange, task: asyncio.Task[Any]) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not exchange.completing:
+                    exchange.disconnected = True
+                    task.cancel()
+                return
+
+    async def _fail_late(self, send: Send, exchange: _Exchange, error: GatewayError) -> None:
+        if exchange.disconnected:
+            return
+        if not exchange.started:
+            await send_error(send, error)
+        elif exchange.streaming and not exchange.completing:
+            exchange.completing = True
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": sse_error_event(error.message, error.type, error.code),
+                    "more_body": False,
+                }
+            )
+
+    def _upstream_headers(self, scope: Scope, span: RequestSpan) -> list[tuple[str, str]]:
+        headers = [
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, value in scope["headers"]
+            if name not in _DROPPED_REQUEST_HEADERS
+        ]
+        headers.append(("content-type", "application/json"))
+        headers.extend(span.upstream_headers())
+        return headers
+
+    async def _proxy(
+        self,
+        *,
+        endpoint: Endpoint,
+        scope: Scope,
+        request: RoutingRequest,
+        body: bytes,
+        send: Send,
+        exchange: _Exchange,
+    ) -> None:
+        span = self._telemetry.start(
+            endpoint.name,
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+            if self._telemetry.enabled
+            else (),
+        )
+        span.set(model=request.model, endpoint=endpoint.name, stream=request.stream)
+        headers = self._upstream_headers(scope, span)
+        batch = endpoint is GENERATE and is_batch(request)
+        failure: _UpstreamFailed | None = None
+        excluded: frozenset[str] = frozenset()
+        error: str | None = None
+        try:
+            for _attempt in range(self._settings.retries + 1):
+                routed = request if not excluded else msgspec.structs.replace(request, exclude=excluded)
+                try:
+                    route = await self._router.route(routed)
+                except UnknownModel:
+                    raise model_not_found(request.model) from None
+                except NoHealthyWorker:
+                    if failure is not None:
+                        break
+                    raise no_healthy_worker(request.model, self._settings.retry_after_s) from None
+                span.set(
+                    worker=route.worker.url,
+                    dp_rank=route.dp_rank,
+                    policy=route.decision.policy,
+                    reason=route.decision.reason,
+                    predicted_cached_tokens=route.decision.predicted_cached_tokens,
+                )
+                try:
+                    await self._exchange(
+                        endpoint=endpoint,
+                        route=route,
+                        body=body,
+                        headers=headers,
+                        batch=batch,
+                        send=send,
+                        exchange=exchange,
+                        span=span,
+                    )
+                    return
+                except _UpstreamFailed as exc:
+                    logger.warning("upstream %s failed before the first byte: %s", route.worker.url, exc)
+                    failure = exc
+                    excluded = excluded | {route.worker.url}
+            assert failure is not None
+            if failure.status == 503:
+                raise GatewayError(
+                    503,
+                    f"All servers for model '{request.model}' are overloaded: {failure}",
+                    "server_error",
+                    code="upstream_overloaded",
+                    headers=(("retry-after", str(self._settings.retry_after_s)),),
+                )
+            raise upstream_failed(f"No server could serve the request: {failure}", timeout=failure.timeout)
+        except GatewayError as exc:
+            error = exc.message
+            await send_error(send, exc)
+        finally:
+            span.end(error=error)
+
+    async def _exchange(
+        self,
+        *,
+        endpoint: Endpoint,
+        route: Route[Any],
+        body: bytes,
+        headers: list[tuple[str, str]],
+        batch: bool,
+        send: Send,
+        exchange: _Exchange,
+        span: RequestSpan,
+    ) -> None:
+        """One attempt on ``route``. Raises _UpstreamFailed if the client has seen nothing yet."""
+        worker = route.worker
+        outcome = Outcome(ok=False)
+        began = self._clock()
+        response: UpstreamResponse | None = None
+        try:
+            shaped_body, shaped_headers = shape_request(
+                worker, endpoint.name, body, headers, None if batch else route.dp_rank
+            )
+            url = worker.url.rstrip("/") + endpoint.path
+            try:
+                response = await self._transport.send(
+                    UpstreamRequest("POST", url, shaped_headers, shaped_body)
+                )
+            except UpstreamError as exc:
+                if isinstance(exc, UpstreamConnectError) and self._on_connect_failure is not None:
+                    self._on_connect_failure(worker.url)
+                raise _UpstreamFailed(
+                    f"{worker.url}: {type(exc).__name__}: {exc}", timeout=isinstance(exc, UpstreamTimeout)
+                ) from exc
+            status = response.status
+            if status >= 500:
+                detail = await _error_detail(response)
+                raise _UpstreamFailed(f"{worker.url} answered {status}: {detail}", status=status)
+            if status >= 400 or not _is_event_stream(response):
+                outcome = await self._forward_whole(
+                    response=response, route=route, send=send, exchange=exchange, began=began, span=span
+                )
+            else:
+                outcome = await self._forward_stream(
+                    response=response, route=route, send=send, exchange=exchange, began=began, span=span
+                )
+        finally:
+            if response is not None:
+                await response.aclose()
+            try:
+                await self._router.finish(route, outcome)
+            except Exception:
+                logger.exception("router.finish failed for %s", worker.url)
+
+    async def _forward_whole(
+        self,
+        *,
+        response: UpstreamResponse,
+        route: Route[Any],
+        send: Send,
+        exchange: _Exchange,
+        began: float,
+        span: RequestSpan,
+    ) -> Outcome:
+        try:
+            data = await response.aread()
+        except UpstreamError as exc:
+            # The whole body is buffered, so the client has still seen nothing: fail cleanly.
+            raise GatewayError(
+                504 if isinstance(exc, UpstreamTimeout) else 502,
+                f"{route.worker.url} failed while sending its response: {type(exc).__name__}: {exc}",
+                "server_error",
+                code="upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_unavailable",
+            ) from exc
+        status = response.status
+        raw = _response_headers(response, route)
+        raw.append((b"content-length", str(len(data)).encode()))
+        exchange.started = True
+        exchange.completing = True
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": data, "more_body": False})
+        if status >= 300:
+            return Outcome(ok=False, e2e_s=self._clock() - began)
+        usage = usage_from_body(data)
+        return self._outcome(usage, None, self._clock() - began, span)
+
+    async def _forward_stream(
+        self,
+        *,
+        response: UpstreamResponse,
+        route: Route[Any],
+        send: Send,
+        exchange: _Exchange,
+        began: float,
+        span: RequestSpan,
+    ) -> Outcome:
+        chunks: AsyncIterator[bytes] = response.aiter_raw()
+        # Wait for the first body byte before answering: a server that dies before it can still be
+        # replaced by another without the client noticing.
+        try:
+            first = await anext(chunks, b"")
+        except UpstreamError as exc:
+            raise _UpstreamFailed(
+                f"{route.worker.url} failed before its first byte: {type(exc).__name__}: {exc}",
+                timeout=isinstance(exc, UpstreamTimeout),
+            ) from exc
+        ttft = self._clock() - began
+        exchange.started = True
+        exchange.streaming = True
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": _response_headers(response, route),
+            }
+        )
+        tail: deque[bytes] = deque((first,), maxlen=_TAIL_CHUNKS)
+        try:
+            if first:
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+                async for chunk in chunks:
+                    tail.append(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except UpstreamError as exc:
+            logger.warning("upstream %s failed mid-stream: %s", route.worker.url, exc)
+            exchange.completing = True
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": sse_error_event(
+                        f"The server serving this request failed mid-stream ({type(exc).__name__}: {exc})",
+                        "server_error",
+                        "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_disconnected",
+                    ),
+                    "more_body": False,
+                }
+            )
+            return Outcome(ok=False, ttft_s=ttft, e2e_s=self._clock() - began)
+        exchange.completing = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return self._outcome(usage_from_stream_tail(tail), ttft, self._clock() - began, span)
+
+    @staticmethod
+    def _outcome(usage: Usage, ttft: float | None, e2e: float, span: RequestSpan) -> Outcome:
+        span.set(
+            prompt_tokens=usage.prompt_tokens,
+            cached_tokens=usage.cached_tokens,
+            completion_tokens=usage.completion_tokens,
+            ttft_s=ttft,
+        )
+        return Outcome(
+            ok=not usage.error,
+            prompt_tokens=usage.prompt_tokens,
+            cached_tokens=usage.cached_tokens,
+            completion_tokens=usage.completion_tokens,
+            ttft_s=ttft,
+            e2e_s=e2e,
+        )
+
+
+async def _error_detail(response: UpstreamResponse, limit: int = 300) -> str:
+    """A short excerpt of an upstream error body, for the gateway's own error message."""
+    try:
+        data = await response.aread()
+    except UpstreamError as exc:
+        return f"(body unreadable: {type(exc).__name__})"
+    text = data[:limit].decode("utf-8", "replace").strip()
+    return text or "(empty body)"

@@ -1,0 +1,264 @@
+"""Everything off the hot path, as litestar routes: health, readiness, models, admin.
+
+Handlers are closures over the gateway's components, bound once when the app is built (no
+dependency injection per request). Every error, including litestar's own 404/405/validation errors
+and anything unexpected, is answered in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+from litestar import Litestar, Request, Response, delete, get, post
+from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException
+from litestar.handlers import BaseRouteHandler
+
+from gateway.errors import (
+    GatewayError,
+    bad_request,
+    error_body,
+    internal_error,
+    method_not_allowed,
+    model_not_found,
+    not_found,
+)
+from gateway.registry import Worker, WorkerSpec
+from policies.types import Role
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+__all__ = ["build_litestar"]
+
+logger = logging.getLogger("cachet.gateway.http")
+
+_ENCODER = msgspec.json.Encoder()
+_JSON = "application/json"
+
+
+def _json(content: Any, status: int = 200) -> Response[bytes]:
+    return Response(content=_ENCODER.encode(content), status_code=status, media_type=_JSON)
+
+
+def _error(error: GatewayError) -> Response[bytes]:
+    return Response(
+        content=error.body(), status_code=error.status, media_type=_JSON, headers=dict(error.headers)
+    )
+
+
+class _AddWorker(msgspec.Struct, forbid_unknown_fields=True):
+    url: str
+    role: Literal["regular", "prefill", "decode"] = "regular"
+    bootstrap_port: int | None = None
+    model: str | None = None
+
+
+class _ModelCard(msgspec.Struct):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "cachet"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_ModelCard]
+    object: str = "list"
+
+
+_ADD_WORKER = msgspec.json.Decoder(_AddWorker)
+
+
+def _model_cards(workers: Sequence[Worker], created: int) -> dict[str, _ModelCard]:
+    cards: dict[str, _ModelCard] = {}
+    for worker in workers:
+        if not worker.discovered and worker.model == "default":
+            continue
+        card = cards.get(worker.model)
+        if card is None:
+            cards[worker.model] = _ModelCard(
+                id=worker.model, created=created, root=worker.model, max_model_len=worker.context_length
+            )
+        elif worker.context_length is not None:
+            # A request must fit every server it may be routed to.
+            known = card.max_model_len
+            card.max_model_len = worker.context_length if known is None else min(known, worker.context_length)
+    return cards
+
+
+def _exception_handlers() -> dict[
+    type[Exception] | int, Callable[[Request[Any, Any, Any], Any], Response[Any]]
+]:
+    def on_gateway_error(_request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
+        return _error(exc)
+
+    def on_not_found(request: Request[Any, Any, Any], _exc: NotFoundException) -> Response[bytes]:
+        return _error(not_found(request.url.path))
+
+    def on_method(request: Request[Any, Any, Any], exc: MethodNotAllowedException) -> Response[bytes]:
+        allow = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow") or ""
+        allowed = tuple(m.strip() for m in allow.split(",") if m.strip())
+        return _error(method_not_allowed(request.method, request.url.path, allowed or ("GET",)))
+
+    def on_http(_request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return Response(
+            content=error_body(str(exc.detail), kind, code=exc.status_code),
+            status_code=exc.status_code,
+            media_type=_JSON,
+            headers=exc.headers or {},
+        )
+
+    def on_anything(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+        logger.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(internal_error(exc))
+
+    return {
+        GatewayError: on_gateway_error,
+        NotFoundException: on_not_found,
+        MethodNotAllowedException: on_method,
+        HTTPException: on_http,
+        Exception: on_anything,
+    }
+
+
+def build_litestar(
+    gateway: Gateway, *, lifespan: Callable[[Litestar], AbstractAsyncContextManager[None]] | None = None
+) -> Litestar:
+    """The litestar app for every route but the three proxied ones."""
+    config = gateway.config
+    registry = gateway.registry
+    router = gateway.router
+    expected_token = f"Bearer {config.admin_token}" if config.admin_token else None
+
+    def admin_guard(connection: Any, _handler: BaseRouteHandler) -> None:
+        if expected_token is not None and connection.headers.get("authorization") != expected_token:
+            raise GatewayError(
+                401,
+                "Admin API needs Authorization: Bearer <admin_token>",
+                "invalid_request_error",
+                code="unauthorized",
+            )
+
+    @get("/health", sync_to_thread=False)
+    def health() -> Response[bytes]:
+        return _json({"status": "ok"})
+
+    @get("/readiness", sync_to_thread=False)
+    def readiness() -> Response[bytes]:
+        ready, healthy = gateway.readiness()
+        if ready:
+            return _json({"status": "ready", "healthy_workers": healthy})
+        missing = [model for model, count in healthy.items() if count == 0]
+        if missing:
+            reason = f"no healthy worker for model(s) {', '.join(missing)}"
+        elif not healthy:
+            reason = "no worker is configured or discovered yet"
+        else:
+            reason = "configured workers are still being discovered"
+        return _error(
+            GatewayError(
+                503,
+                f"Not ready: {reason}",
+                "server_error",
+                code="not_ready",
+                headers=(("retry-after", str(config.retry_after_s)),),
+            )
+        )
+
+    @get("/v1/models", sync_to_thread=False)
+    def list_models() -> Response[bytes]:
+        cards = _model_cards(registry.workers(healthy_only=False), int(time.time()))
+        return _json(_ModelList(data=list(cards.values())))
+
+    @get("/v1/models/{model:path}", sync_to_thread=False)
+    def get_model(model: str) -> Response[bytes]:
+        name = model.lstrip("/")
+        card = _model_cards(registry.workers(healthy_only=False), int(time.time())).get(name)
+        if card is None:
+            raise model_not_found(name)
+        return _json(card)
+
+    @get("/admin/workers", guards=[admin_guard], sync_to_thread=False)
+    def list_workers() -> Response[bytes]:
+        return _json({"workers": list(registry.workers(healthy_only=False))})
+
+    @post("/admin/workers", guards=[admin_guard], status_code=201)
+    async def add_worker(request: Request[Any, Any, Any]) -> Response[bytes]:
+        body = await request.body()
+        try:
+            entry = _ADD_WORKER.decode(body)
+        except msgspec.DecodeError as exc:
+            raise bad_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+        except msgspec.ValidationError as exc:
+            raise bad_request(f"Invalid worker: {exc}") from None
+        if not entry.url.startswith(("http://", "https://")):
+            raise bad_request("url must start with http:// or https://", param="url")
+        known = {w.url.rstrip("/") for w in registry.workers(healthy_only=False)}
+        if entry.url.rstrip("/") in known:
+            raise GatewayError(
+                409,
+                f"Worker {entry.url} is already registered",
+                "invalid_request_error",
+                param="url",
+                code="worker_exists",
+            )
+        spec = WorkerSpec(
+            url=entry.url, role=Role(entry.role), bootstrap_port=entry.bootstrap_port, model=entry.model
+        )
+        worker = await registry.add(spec)
+        return _json({"worker": worker}, status=201)
+
+    @delete("/admin/workers", guards=[admin_guard], status_code=200)
+    async def remove_worker(url: str) -> Response[bytes]:
+        if not await registry.remove(url):
+            raise GatewayError(
+                404,
+                f"No worker {url} is registered",
+                "invalid_request_error",
+                param="url",
+                code="worker_not_found",
+            )
+        return _json({"removed": url})
+
+    @get("/admin/decisions", guards=[admin_guard], sync_to_thread=False)
+    def decisions(limit: int = 50) -> Response[bytes]:
+        if not 0 <= limit <= 10_000:
+            raise bad_request("limit must be in 0..10000", param="limit")
+        return _json({"decisions": router.recent_decisions(limit)})
+
+    @get("/admin/config", guards=[admin_guard], sync_to_thread=False)
+    def show_config() -> Response[bytes]:
+        return _json(config.public())
+
+    @get("/admin/state", guards=[admin_guard], sync_to_thread=False)
+    def show_state() -> Response[bytes]:
+        store = getattr(router, "store", None)
+        status = store.status() if store is not None else {}
+        return _json({"store": dict(status)})
+
+    return Litestar(
+        route_handlers=[
+            health,
+            readiness,
+            list_models,
+            get_model,
+            list_workers,
+            add_worker,
+            remove_worker,
+            decisions,
+            show_config,
+            show_state,
+        ],
+        exception_handlers=_exception_handlers(),
+        lifespan=[lifespan] if lifespan is not None else [],
+        openapi_config=None,
+        logging_config=None,
+    )
