@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import re
+from collections.abc import Mapping
 
 import msgspec
 
@@ -36,7 +37,8 @@ SERVER_INFO_SINCE = dt.date(2025, 11, 17)
 # version -> release date (GitHub release tags of sgl-project/sglang). Pre-releases and post
 # releases (0.5.3rc0, 0.5.3.post1) take the date of the release they belong to: the cut-overs above
 # are months apart from every listed release, so that approximation never flips a decision.
-_RELEASE_DATES: dict[tuple[int, int, int], dt.date] = {
+ReleaseDates = Mapping[tuple[int, int, int], dt.date]
+_RELEASE_DATES: ReleaseDates = {
     (0, 4, 6): dt.date(2025, 4, 27),
     (0, 4, 7): dt.date(2025, 6, 10),
     (0, 4, 8): dt.date(2025, 6, 24),
@@ -49,8 +51,6 @@ _RELEASE_DATES: dict[tuple[int, int, int], dt.date] = {
     (0, 5, 5): dt.date(2025, 11, 6),
     (0, 5, 6): dt.date(2025, 12, 3),
 }
-_OLDEST_DATED = min(_RELEASE_DATES)
-_NEWEST_DATED = max(_RELEASE_DATES)
 _VERSION_RE = re.compile(r"^\s*v?(\d+)\.(\d+)(?:\.(\d+))?")
 
 
@@ -82,28 +82,32 @@ def parse_version(version: str) -> tuple[int, int, int] | None:
     return int(match[1]), int(match[2]), int(match[3] or 0)
 
 
-def release_date(version: str) -> dt.date | None:
+def release_date(version: str, release_dates: ReleaseDates | None = None) -> dt.date | None:
     """The release date of an SGLang version, or None when the table cannot say.
 
     Versions older than the oldest listed release are dated to it (they predate every cut-over).
+    ``release_dates`` replaces the built-in table (an operator who knows newer releases).
     """
+    table = _RELEASE_DATES if release_dates is None else release_dates
     parsed = parse_version(version)
-    if parsed is None or parsed > _NEWEST_DATED:
+    if parsed is None or not table or parsed > max(table):
         return None
-    if parsed < _OLDEST_DATED:
-        return _RELEASE_DATES[_OLDEST_DATED]
-    if parsed in _RELEASE_DATES:
-        return _RELEASE_DATES[parsed]
+    oldest = min(table)
+    if parsed < oldest:
+        return table[oldest]
+    if parsed in table:
+        return table[parsed]
     # An unlisted version between two listed ones (e.g. 0.5.0): the next listed release bounds it.
-    later = min(v for v in _RELEASE_DATES if v > parsed)
-    return _RELEASE_DATES[later]
+    later = min(v for v in table if v > parsed)
+    return table[later]
 
 
-def dialect(version: str) -> Dialect:
+def dialect(version: str, release_dates: ReleaseDates | None = None) -> Dialect:
     """The dialect of a server that reports ``version`` (empty or unknown: the age-proof forms)."""
-    released = release_date(version)
+    table = _RELEASE_DATES if release_dates is None else release_dates
+    released = release_date(version, table)
     parsed = parse_version(version)
-    newer_than_table = parsed is not None and parsed > _NEWEST_DATED
+    newer_than_table = parsed is not None and bool(table) and parsed > max(table)
     if released is None:
         rank_key = RankKey.BOTH
     elif released >= ROUTED_DP_RANK_SINCE:
