@@ -1,0 +1,155 @@
+"""Who picks the target in a replay: the gateway's own Router (production code: features, prefix
+index, leases, policy, index correction) on a virtual clock, or the re-implemented sglang-router
+cache_aware policy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from gateway.routing import Outcome, Router, RoutingRequest
+from gateway.routing.static import StaticRegistry
+from gateway.state import MemoryStore
+from loadtests.replay.cluster import MODEL, ReplayCluster
+from loadtests.replay.sglang_cache_aware import CacheAwareConfig, SglangCacheAware
+from loadtests.workloads.request import BenchRequest, prompt_text
+from policies import get_policy
+from policies.types import TargetKey
+
+__all__ = ["Finished", "GatewayRouting", "ReplayRouter", "SglangReimplRouting"]
+
+
+class Finished:
+    """What the server said about a finished request (what the gateway reads from the response)."""
+
+    __slots__ = ("cached_tokens", "completion_tokens", "e2e_s", "prompt_tokens", "ttft_s")
+
+    def __init__(
+        self,
+        prompt_tokens: int,
+        cached_tokens: int,
+        completion_tokens: int,
+        ttft_s: float | None,
+        e2e_s: float,
+    ) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = cached_tokens
+        self.completion_tokens = completion_tokens
+        self.ttft_s = ttft_s
+        self.e2e_s = e2e_s
+
+
+class ReplayRouter(Protocol):
+    name: str
+
+    async def route(self, request: BenchRequest, now: float) -> tuple[TargetKey, Any]: ...
+
+    async def finish(self, handle: Any, finished: Finished, now: float) -> None: ...
+
+
+class _VirtualClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class GatewayRouting:
+    """The gateway's Router with the embedded store, over a static registry whose reported loads
+    are the engines' own, refreshed every ``load_interval_s`` of virtual time (as the registry polls)."""
+
+    def __init__(
+        self,
+        policy: str,
+        cluster: ReplayCluster,
+        *,
+        seed: int = 0,
+        load_interval_s: float = 1.0,
+    ) -> None:
+        self.name = policy
+        self._cluster = cluster
+        self._clock = _VirtualClock()
+        self._registry = StaticRegistry(list(cluster.workers))
+        self._load_interval_s = load_interval_s
+        self._loads_at = -math.inf
+        self._router: Router[Any] = Router(
+            self._registry,
+            MemoryStore(clock=self._clock),
+            get_policy(policy),
+            seed=seed,
+            clock=self._clock,
+            # Leases are released exactly at finish in a replay; renewal would need wall-clock tasks.
+            lease_renew_interval_s=math.inf,
+        )
+
+    def _poll_loads(self, now: float) -> None:
+        if now - self._loads_at < self._load_interval_s:
+            return
+        self._loads_at = now
+        loads = self._registry.loads
+        for key, rank in self._cluster.ranks.items():
+            loads[key] = rank.load()
+
+    async def route(self, request: BenchRequest, now: float) -> tuple[TargetKey, Any]:
+        self._clock.now = now
+        self._poll_loads(now)
+        if request.messages is not None:
+            routing = RoutingRequest(
+                model=MODEL,
+                endpoint="chat",
+                messages=list(request.messages),
+                max_new_tokens=request.max_tokens,
+                stream=True,
+            )
+        else:
+            routing = RoutingRequest(
+                model=MODEL,
+                endpoint="completion",
+                prompt=request.prompt,
+                max_new_tokens=request.max_tokens,
+                stream=True,
+            )
+        route = await self._router.route(routing)
+        return route.target, route
+
+    async def finish(self, handle: Any, finished: Finished, now: float) -> None:
+        self._clock.now = now
+        await self._router.finish(
+            handle,
+            Outcome(
+                ok=True,
+                prompt_tokens=finished.prompt_tokens,
+                cached_tokens=finished.cached_tokens,
+                completion_tokens=finished.completion_tokens,
+                ttft_s=finished.ttft_s,
+                e2e_s=finished.e2e_s,
+            ),
+        )
+
+
+class SglangReimplRouting:
+    """sglang-router's cache_aware with --dp-aware (every ``url@rank`` a worker), re-implemented."""
+
+    def __init__(self, cluster: ReplayCluster, config: CacheAwareConfig | None = None) -> None:
+        self._by_label = {key.label(): key for key in cluster.targets}
+        self.policy = SglangCacheAware(list(self._by_label), config)
+        self.name = self.policy.name
+
+    async def route(self, request: BenchRequest, now: float) -> tuple[TargetKey, Any]:
+        label = self.policy.select(prompt_text(request), now)
+        return self._by_label[label], label
+
+    async def finish(self, handle: Any, finished: Finished, now: float) -> None:
+        self.policy.complete(handle)
+
+
+def make_router(name: str, cluster: ReplayCluster, *, seed: int = 0) -> ReplayRouter:
+    """``sglang_cache_aware`` is the re-implementation; any other name is a Cachet policy."""
+    if name in ("sglang_cache_aware", "sglang_cache_aware(reimpl)"):
+        return SglangReimplRouting(cluster)
+    return GatewayRouting(name, cluster, seed=seed)
+
+
+RouterFactory = Callable[[ReplayCluster], ReplayRouter]
