@@ -104,6 +104,11 @@ class PrefixIndex:
         slot = self._slots.get(target)
         return len(slot.lru) if slot is not None else 0
 
+    def held_blocks(self, target: TargetKey) -> list[int]:
+        """Every block ``target`` holds, least recently used first."""
+        slot = self._slots.get(target)
+        return list(slot.lru) if slot is not None else []
+
     def holds(self, target: TargetKey, block: int) -> bool:
         slot = self._slots.get(target)
         return slot is not None and block in slot.lru

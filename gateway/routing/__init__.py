@@ -30,6 +30,7 @@ from gateway.routing._router import (
     WorkerLike,
 )
 from gateway.state import MemoryStore, StateStore
+from gateway.state.redis_store import RedisStore
 from policies import DEFAULT_POLICY, get_policy
 
 __all__ = [
@@ -53,7 +54,7 @@ def make_store(redis_url: str | None = None, *, lease_ttl_s: float = 120.0) -> S
     """The embedded store, or the Redis one shared by gateway replicas when ``redis_url`` is set."""
     if redis_url is None:
         return MemoryStore(lease_ttl_s=lease_ttl_s)
-    raise ValueError("the Redis state store is not available in this build yet")
+    return RedisStore(redis_url, lease_ttl_s=lease_ttl_s)
 
 
 def make_router(

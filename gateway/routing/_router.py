@@ -358,7 +358,7 @@ class Router(Generic[W]):
             if model not in self.registry.models():
                 raise UnknownModel(f"The model '{model}' does not exist")
             raise NoHealthyWorker(f"no healthy server for model '{model}'")
-        state = self.store.model(model)
+        state = await self.store.ready(model)
         table = self._table(model, workers, state)
         views = table.base
         if req.exclude:

@@ -108,6 +108,11 @@ class StateStore(Protocol):
         """The local state for ``model`` (created empty on first use)."""
         ...
 
+    async def ready(self, model: str) -> ModelState:
+        """``model``'s local state after any one-time warm-up (a replica's first look at the shared
+        index); then as cheap as ``model``."""
+        ...
+
     async def reserve(
         self, model: str, choices: Sequence[Choice], *, prefill_tokens: int, blocks: Sequence[int]
     ) -> Lease:

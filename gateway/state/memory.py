@@ -55,6 +55,9 @@ class MemoryStore:
             state = self._models[model] = ModelState(self._default_budget)
         return state
 
+    async def ready(self, model: str) -> ModelState:
+        return self.model(model)
+
     def _expire(self, now: float) -> None:
         held = self._held
         while held:

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.routing import Outcome, RoutingRequest, make_router
+from gateway.routing.static import StaticRegistry, StaticWorker
+
+SYSTEM = "Answer as a careful analyst. " * 150
+
+
+def chat(question: str) -> RoutingRequest:
+    return RoutingRequest(
+        model="default",
+        endpoint="chat",
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+    )
+
+
+def cluster() -> StaticRegistry:
+    return StaticRegistry([StaticWorker(f"http://s{i}", dp_size=4) for i in range(4)])
+
+
+async def test_two_gateway_replicas_share_the_prefix_index(redis_process: Any) -> None:
+    registry = cluster()
+    one = make_router("prefix_aware", registry, redis_url=redis_process.url, seed=1)
+    two = make_router("prefix_aware", registry, redis_url=redis_process.url, seed=2)
+    try:
+        first = await one.route(chat("What changed in Q3?"))
+        await one.finish(first, Outcome(ok=True, prompt_tokens=1200, cached_tokens=0))
+        second = await two.route(chat("And in Q4?"))
+        assert (second.worker.url, second.dp_rank) == (first.worker.url, first.dp_rank)
+        assert second.decision.predicted_cached_tokens > 900
+        await two.finish(second, Outcome(ok=True, prompt_tokens=1200, cached_tokens=1100))
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_router_keeps_routing_when_redis_is_gone(redis_process: Any) -> None:
+    router = make_router("prefix_aware", cluster(), redis_url=redis_process.url, seed=1)
+    try:
+        await router.finish(await router.route(chat("warm up")), Outcome(ok=True))
+        redis_process.stop()
+        for i in range(20):
+            route = await router.route(chat(f"q{i}"))
+            await router.finish(route, Outcome(ok=True, prompt_tokens=1200, cached_tokens=1000))
+        assert router.store.status()["redis_connected"] is False
+    finally:
+        await router.aclose()

@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from gateway.state import Choice
+from gateway.state.redis_store import RedisStore, model_keys
+from policies.types import TargetKey
+
+X, Y = TargetKey("http://x", 0), TargetKey("http://x", 1)
+TARGETS = [TargetKey(f"http://w{i}") for i in range(10)]
+
+
+@pytest.fixture
+async def replicas(redis_process: Any) -> AsyncIterator[Callable[..., Any]]:
+    made: list[RedisStore] = []
+
+    async def make(**kw: Any) -> RedisStore:
+        options: dict[str, Any] = {"op_timeout_s": 0.2, "retry_interval_s": 0.1, "loads_sync_interval_s": 0.0}
+        options.update(kw)
+        store = RedisStore(redis_process.url, **options)
+        await store.start()
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.aclose()
+
+
+def test_keys_share_one_cluster_hash_tag() -> None:
+    keys = model_keys("deepseek-ai/DeepSeek-V3")
+    assert all(key.startswith("{cachet:deepseek-ai/DeepSeek-V3}:") for key in keys)
+    assert len(set(keys)) == 4
+
+
+async def test_leases_and_loads_are_shared(replicas: Callable[..., Any]) -> None:
+    one, two = await replicas(), await replicas()
+    lease = await one.reserve("m", [Choice(X, 0)], prefill_tokens=700, blocks=[1, 2, 3])
+    assert lease.target == X and not lease.local_only
+    # the other replica learns both the load and the index on its next call
+    other = await two.reserve("m", [Choice(Y, 5)], prefill_tokens=10, blocks=[])
+    loads = two.model("m").loads
+    assert (loads[X].requests, loads[X].prefill_tokens) == (1, 700)
+    assert [(m.target, m.blocks) for m in two.model("m").index.match([1, 2, 3])] == [(X, 3)]
+    await one.release(lease)
+    await two.release(other)
+    assert (loads[X].requests, loads[X].prefill_tokens) == (0, 0)
+    assert loads[Y].requests == 0
+
+
+async def test_reserve_is_atomic_across_replicas(replicas: Callable[..., Any]) -> None:
+    one, two = await replicas(), await replicas()
+    choices = [Choice(t, 0) for t in TARGETS]
+    # Both replicas think every target is idle and all ten requests prefer w0 first.
+    leases = await asyncio.gather(
+        *(store.reserve("m", choices, prefill_tokens=1, blocks=[]) for store in (one, two) for _ in range(5))
+    )
+    assert sorted(lease.target.worker for lease in leases) == sorted(t.worker for t in TARGETS)
+    assert sum(one.counters["first_choice_taken"] for one in (one, two)) == 9
+
+
+async def test_index_updates_and_corrections_propagate(replicas: Callable[..., Any]) -> None:
+    one, two = await replicas(), await replicas()
+    lease = await one.reserve("m", [Choice(X, 9)], prefill_tokens=1, blocks=[10, 11, 12, 13])
+    await one.release(lease, forget=[12, 13])
+    sync = await two.reserve("m", [Choice(Y, 9)], prefill_tokens=1, blocks=[])
+    assert [(m.target, m.blocks) for m in two.model("m").index.match([10, 11, 12, 13])] == [(X, 2)]
+    await two.release(sync)
+    # a replica starting later rebuilds the index from the stream's history
+    late = await replicas()
+    await late.release(await late.reserve("m", [Choice(Y, 9)], prefill_tokens=1, blocks=[]))
+    assert [(m.target, m.blocks) for m in late.model("m").index.match([10, 11, 12, 13])] == [(X, 2)]
+
+
+async def test_lapsed_leases_stop_counting(replicas: Callable[..., Any]) -> None:
+    crashed = await replicas(lease_ttl_s=0.3)
+    survivor = await replicas(lease_ttl_s=0.3)
+    await crashed.reserve("m", [Choice(X, 9)], prefill_tokens=50, blocks=[])
+    kept = await survivor.reserve("m", [Choice(Y, 9)], prefill_tokens=5, blocks=[])
+    for _ in range(3):
+        await asyncio.sleep(0.15)
+        await survivor.renew([kept])
+    probe = await survivor.reserve("m", [Choice(Y, 9)], prefill_tokens=0, blocks=[])
+    loads = survivor.model("m").loads
+    assert loads[X].requests == 0  # the crashed replica's lease lapsed
+    assert loads[Y].requests == 2  # the renewed one did not
+    await survivor.release(probe)
+    await survivor.release(kept)
+
+
+async def test_unreachable_redis_at_start_routes_locally(tmp_path: Any) -> None:
+    store = RedisStore("redis://127.0.0.1:1/0", op_timeout_s=0.05, retry_interval_s=10)
+    await store.start()
+    try:
+        assert not store.connected
+        lease = await store.reserve("m", [Choice(X, 0), Choice(Y, 0)], prefill_tokens=3, blocks=[1])
+        assert lease.local_only and lease.target == X
+        second = await store.reserve("m", [Choice(X, 0), Choice(Y, 0)], prefill_tokens=3, blocks=[])
+        assert second.target == Y  # the local bound still spreads
+        await store.release(lease)
+        await store.release(second)
+        assert store.model("m").loads[X].requests == 0
+    finally:
+        await store.aclose()
+
+
+async def test_slow_redis_falls_back_then_resyncs(redis_process: Any, replicas: Callable[..., Any]) -> None:
+    one = await replicas(op_timeout_s=0.1, retry_interval_s=0.2)
+    two = await replicas()
+    shared = await one.reserve("m", [Choice(X, 9)], prefill_tokens=1, blocks=[])
+    await two.release(await two.reserve("m", [Choice(Y, 9)], prefill_tokens=0, blocks=[]))
+    assert two.model("m").loads[X].requests == 1
+    redis_process.pause()
+    try:
+        started = time.monotonic()
+        local = await one.reserve("m", [Choice(Y, 9)], prefill_tokens=1, blocks=[7, 8])
+        await one.release(shared)  # cannot reach Redis: queued
+        elapsed = time.monotonic() - started
+        assert local.local_only and not one.connected
+        assert elapsed < 0.5  # one timeout, then no more waiting on Redis
+        assert one.model("m").loads[X].requests == 0
+    finally:
+        redis_process.resume()
+    await asyncio.sleep(0.25)
+    await one.release(local)  # triggers the resync in the background
+    for _ in range(50):
+        if one.connected:
+            break
+        await asyncio.sleep(0.05)
+    assert one.connected and one.counters["resyncs"] >= 1
+    # the other replica sees the queued release and the blocks recorded while Redis was away
+    sync = await two.reserve("m", [Choice(Y, 9)], prefill_tokens=0, blocks=[])
+    loads = two.model("m").loads
+    assert loads[X].requests == 0
+    assert two.model("m").index.match([7, 8])[0].target == Y
+    await two.release(sync)
+
+
+async def test_redis_restart_resyncs_without_errors(redis_process: Any, replicas: Callable[..., Any]) -> None:
+    store = await replicas(op_timeout_s=0.1, retry_interval_s=0.1)
+    await store.release(await store.reserve("m", [Choice(X, 9)], prefill_tokens=1, blocks=[]))
+    redis_process.stop()
+    for i in range(5):
+        lease = await store.reserve("m", [Choice(X, 9)], prefill_tokens=1, blocks=[100 + i])
+        await store.release(lease)
+    assert not store.connected
+    redis_process.start()
+    await asyncio.sleep(0.15)
+    await store.release(await store.reserve("m", [Choice(X, 9)], prefill_tokens=1, blocks=[]))
+    for _ in range(50):
+        if store.connected:
+            break
+        await asyncio.sleep(0.05)
+    assert store.connected
+    lease = await store.reserve("m", [Choice(X, 9)], prefill_tokens=1, blocks=[])
+    assert not lease.local_only
+    await store.release(lease)
