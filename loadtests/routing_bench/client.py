@@ -146,6 +146,8 @@ async def run_open_loop(
 
         async def one(request: BenchRequest, entry: str) -> None:
             try:
+                if deadline_s is not None and request.arrival_s > deadline_s:
+                    return
                 delay = request.arrival_s - (time.perf_counter() - start)
                 if delay > 0:
                     await asyncio.sleep(delay)
