@@ -22,7 +22,7 @@ from gateway.routing import RoutingRequest
 
 __all__ = ["Endpoint", "decode_view"]
 
-_PATH_IN_ERROR = re.compile(r"at `\$\.?([A-Za-z_][A-Za-z0-9_]*)")
+_PATH_IN_ERROR = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)|missing required field `([A-Za-z_][A-Za-z0-9_]*)`")
 
 
 class _Sampling(msgspec.Struct):
@@ -94,7 +94,7 @@ GENERATE = Endpoint("generate", "/generate", (_GenerateView, _GenerateIdBatchVie
 
 def _param_of(error: msgspec.ValidationError) -> str | None:
     match = _PATH_IN_ERROR.search(str(error))
-    return match.group(1) if match else None
+    return (match.group(1) or match.group(2)) if match else None
 
 
 def _decode(endpoint: Endpoint, body: bytes) -> msgspec.Struct:

@@ -17,6 +17,7 @@ import msgspec
 from litestar import Litestar, Request, Response, delete, get, post
 from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException
 from litestar.handlers import BaseRouteHandler
+from litestar.params import FromPath, FromQuery
 
 from gateway.errors import (
     GatewayError,
@@ -179,7 +180,7 @@ def build_litestar(
         return _json(_ModelList(data=list(cards.values())))
 
     @get("/v1/models/{model:path}", sync_to_thread=False)
-    def get_model(model: str) -> Response[bytes]:
+    def get_model(model: FromPath[str]) -> Response[bytes]:
         name = model.lstrip("/")
         card = _model_cards(registry.workers(healthy_only=False), int(time.time())).get(name)
         if card is None:
@@ -217,7 +218,7 @@ def build_litestar(
         return _json({"worker": worker}, status=201)
 
     @delete("/admin/workers", guards=[admin_guard], status_code=200)
-    async def remove_worker(url: str) -> Response[bytes]:
+    async def remove_worker(url: FromQuery[str]) -> Response[bytes]:
         if not await registry.remove(url):
             raise GatewayError(
                 404,
@@ -229,7 +230,7 @@ def build_litestar(
         return _json({"removed": url})
 
     @get("/admin/decisions", guards=[admin_guard], sync_to_thread=False)
-    def decisions(limit: int = 50) -> Response[bytes]:
+    def decisions(limit: FromQuery[int] = 50) -> Response[bytes]:
         if not 0 <= limit <= 10_000:
             raise bad_request("limit must be in 0..10000", param="limit")
         return _json({"decisions": router.recent_decisions(limit)})
