@@ -37,10 +37,9 @@ from loadtests.routing_bench.procs import (
     SimServer,
     flush_caches,
     run_gateway,
+    run_peer_router,
     run_redis,
-    run_sglang_router,
     run_sim_cluster,
-    run_vllm_router,
 )
 from loadtests.stats import coefficient_of_variation
 from loadtests.workloads.cli import add_workload_args, build_workload, describe
@@ -92,15 +91,13 @@ async def _system(
                 for i in range(3)
             ]
             yield entries
-        elif kind == "sglang-router":
-            yield [await stack.enter_async_context(run_sglang_router(log_dir, urls))]
+        elif kind in ("sglang-router", "vllm-router"):
+            router = run_peer_router(log_dir, kind, urls, dp_size=servers[0].dp_size)
+            yield [await stack.enter_async_context(router)]
         elif kind == "sglang-router-x3":
-            routers = [run_sglang_router(log_dir, urls, name=f"sglang-router-{i}") for i in range(3)]
+            dp_size = servers[0].dp_size
+            routers = [run_peer_router(log_dir, "sglang-router", urls, dp_size=dp_size) for _ in range(3)]
             yield [await stack.enter_async_context(router) for router in routers]
-        elif kind == "vllm-router":
-            yield [
-                await stack.enter_async_context(run_vllm_router(log_dir, urls, dp_size=servers[0].dp_size))
-            ]
         else:
             raise SystemExit(f"unknown system {name!r}")
 
@@ -161,7 +158,7 @@ async def _main(args: argparse.Namespace) -> int:
                     records: list[HttpRecord] = await run_open_loop(
                         requests, entries, model=model, timeout_s=args.timeout_s, deadline_s=args.deadline_s
                     )
-            except RuntimeError as exc:
+            except (RuntimeError, TimeoutError) as exc:
                 print(f"{name}: could not run: {exc}", file=sys.stderr)
                 extra[name] = {"error": str(exc)[:2000]}
                 continue

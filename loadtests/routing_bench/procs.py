@@ -21,16 +21,17 @@ from pathlib import Path
 import aiohttp
 import msgspec
 
+from loadtests.peers import PeerKind, PeerSpec, run_peer
+
 __all__ = [
     "Proc",
     "SimServer",
     "flush_caches",
     "free_port",
     "run_gateway",
+    "run_peer_router",
     "run_redis",
-    "run_sglang_router",
     "run_sim_cluster",
-    "run_vllm_router",
 ]
 
 READY_PREFIX = "CACHET-SIM-READY "
@@ -155,40 +156,20 @@ async def run_gateway(
 
 
 @contextlib.asynccontextmanager
-async def run_sglang_router(
-    log_dir: Path, worker_urls: Sequence[str], *, name: str = "sglang-router", dp_aware: bool = True
+async def run_peer_router(
+    log_dir: Path, kind: PeerKind, worker_urls: Sequence[str], *, dp_size: int
 ) -> AsyncIterator[str]:
-    port, metrics = free_port(), free_port()
-    argv = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-            "--prometheus-port", str(metrics), "--policy", "cache_aware",
-            "--worker-urls", *worker_urls]  # fmt: skip
-    if dp_aware:
-        argv.append("--dp-aware")
-    proc = Proc(name, argv, log_dir)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        await _wait_http(base + "/health", proc, 90.0)
-        yield base
-    finally:
-        proc.stop()
-
-
-@contextlib.asynccontextmanager
-async def run_vllm_router(
-    log_dir: Path, worker_urls: Sequence[str], *, dp_size: int, name: str = "vllm-router"
-) -> AsyncIterator[str]:
-    port, metrics = free_port(), free_port()
-    argv = ["vllm-router", "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(metrics),
-            "--policy", "cache_aware", "--worker-urls", *worker_urls]  # fmt: skip
-    if dp_size > 1:
-        argv += ["--intra-node-data-parallel-size", str(dp_size)]
-    proc = Proc(name, argv, log_dir)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        await _wait_http(base + "/health", proc, 90.0)
-        yield base
-    finally:
-        proc.stop()
+    """sglang-router / vllm-router with cache_aware over the DP ranks (through loadtests.peers)."""
+    spec = PeerSpec(
+        kind=kind,
+        worker_urls=tuple(worker_urls),
+        policy="cache_aware",
+        dp_aware=dp_size > 1,
+        intra_node_dp_size=dp_size if dp_size > 1 else None,
+    )
+    log_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - one local mkdir before a subprocess starts
+    async with run_peer(spec, log_dir=str(log_dir)) as peer:
+        yield peer.url
 
 
 @contextlib.asynccontextmanager
