@@ -1,0 +1,5 @@
+import sys
+
+from backends.sim.cli import main
+
+sys.exit(main())

@@ -1,0 +1,158 @@
+"""`python -m backends.sim serve|cluster` — SGLang look-alike servers for tests, demos and benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Sequence
+
+from backends.sim.cluster import ClusterSpec, SimCluster
+from backends.sim.settings import DEFAULT_MODEL_PATH, Faults, ServerSettings
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--host", default="127.0.0.1")
+    add("--dp-size", type=int, default=None, help="DP attention ranks (default: the preset's)")
+    add("--preset", default="h200-tp8", help="hardware preset of the engine (h200-tp8, h200-dp8, h20-tp16)")
+    add("--mtp", action="store_true", help="MTP speculative decoding")
+    add(
+        "--time-scale", type=float, default=1.0, help="real seconds per simulated second (0.01 = 100x faster)"
+    )
+    add("--enable-cache-report", action="store_true")
+    add("--enable-metrics", action="store_true")
+    add("--model-path", default=DEFAULT_MODEL_PATH)
+    add("--served-model-name", default=None)
+    add("--sglang-version", default=None, help="e.g. 0.5.9 or a date 2026-03-01 (default: newest)")
+    add("--page-size", type=int, default=1)
+    add("--max-running-requests", type=int, default=None)
+    add("--max-total-tokens", type=int, default=None)
+    add("--chunked-prefill-size", type=int, default=None)
+    add("--context-length", type=int, default=163840)
+    add("--rtt-ms", type=float, default=None, help="network RTT between the nodes of one TP group")
+    add("--api-key", default=None)
+    add("--incremental-streaming-output", "--stream-output", action="store_true", dest="incremental")
+    add("--stream-interval", type=int, default=1)
+    add("--stream-response-default-include-usage", action="store_true")
+    add(
+        "--disaggregation-bootstrap-timeout",
+        type=float,
+        default=None,
+        help="s (SGLANG_..._BOOTSTRAP_TIMEOUT)",
+    )
+    add("--disaggregation-waiting-timeout", type=float, default=None, help="s (SGLANG_..._WAITING_TIMEOUT)")
+    add("--health-check-timeout", type=float, default=None)
+    add("--startup-delay", type=float, default=0.0, help="seconds /health answers 503 before warm-up")
+    add("--seed", type=int, default=0)
+    add("--fault-latency-ms", type=float, default=0.0)
+    add("--fault-error-rate", type=float, default=0.0)
+    add("--fault-hang", action="store_true")
+    add("--fault-drop-after-chunks", type=int, default=None)
+    add("--fault-slowdown", type=float, default=1.0)
+
+
+def _settings(args: argparse.Namespace, **overrides: object) -> ServerSettings:
+    base = ServerSettings()
+    values: dict[str, object] = {
+        "host": args.host,
+        "dp_size": args.dp_size,
+        "preset": args.preset,
+        "mtp": args.mtp,
+        "time_scale": args.time_scale,
+        "enable_cache_report": args.enable_cache_report,
+        "enable_metrics": args.enable_metrics,
+        "model_path": args.model_path,
+        "served_model_name": args.served_model_name,
+        "sglang_version": args.sglang_version,
+        "page_size": args.page_size,
+        "max_running_requests": args.max_running_requests,
+        "max_total_num_tokens": args.max_total_tokens,
+        "chunked_prefill_size": args.chunked_prefill_size,
+        "context_length": args.context_length,
+        "rtt_ms": args.rtt_ms,
+        "api_key": args.api_key,
+        "incremental_streaming_output": args.incremental,
+        "stream_interval": args.stream_interval,
+        "stream_response_default_include_usage": args.stream_response_default_include_usage,
+        "bootstrap_timeout_s": args.disaggregation_bootstrap_timeout or base.bootstrap_timeout_s,
+        "waiting_timeout_s": args.disaggregation_waiting_timeout or base.waiting_timeout_s,
+        "health_check_timeout_s": args.health_check_timeout or base.health_check_timeout_s,
+        "startup_delay_s": args.startup_delay,
+        "seed": args.seed,
+        **overrides,
+    }
+    return ServerSettings(**values)  # type: ignore[arg-type]
+
+
+def _faults(args: argparse.Namespace) -> Faults:
+    faults = Faults(
+        latency_ms=args.fault_latency_ms,
+        error_rate=args.fault_error_rate,
+        hang=args.fault_hang,
+        drop_after_chunks=args.fault_drop_after_chunks,
+        slowdown=args.fault_slowdown,
+    )
+    faults.validate()
+    return faults
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m backends.sim", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="one server")
+    serve.add_argument("--port", type=int, default=30000)
+    serve.add_argument("--disaggregation-mode", choices=("null", "prefill", "decode"), default="null")
+    serve.add_argument("--disaggregation-bootstrap-port", type=int, default=8998)
+    _common(serve)
+    cluster = sub.add_parser("cluster", help="several servers in one process")
+    cluster.add_argument("--servers", type=int, default=1, help="regular (non-PD) servers")
+    cluster.add_argument("--prefill", type=int, default=0)
+    cluster.add_argument("--decode", type=int, default=0)
+    cluster.add_argument("--base-port", type=int, default=0, help="first port (0: any free ports)")
+    _common(cluster)
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> None:
+    if args.command == "serve":
+        settings = _settings(
+            args,
+            port=args.port,
+            disaggregation_mode=args.disaggregation_mode,
+            disaggregation_bootstrap_port=args.disaggregation_bootstrap_port,
+        )
+        spec = ClusterSpec(servers=0, custom=(settings,), faults=_faults(args))
+    else:
+        spec = ClusterSpec(
+            servers=args.servers,
+            prefill=args.prefill,
+            decode=args.decode,
+            base=_settings(args),
+            base_port=args.base_port,
+            faults=_faults(args),
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with SimCluster(spec) as cluster:
+        print(cluster.ready_line(), flush=True)
+        await stop.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up, absent on some platforms
+
+        uvloop.run(_run(args))
+    except ImportError:
+        asyncio.run(_run(args))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
