@@ -11,7 +11,7 @@ Systems (``--systems``, comma-separated):
 Caches are flushed on every server between systems. Example (small, ~2 minutes):
 
     python -m loadtests.routing_bench --workload shared-prefix --groups 8 --prompts-per-group 8 \
-        --system-tokens 2048 --question-tokens 64 --output-tokens 32 --load 0.8 --time-scale 2
+        --system-tokens 2048 --question-tokens 64 --output-tokens 32 --load 0.8 --sim-time-scale 2
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from loadtests.routing_bench.client import HttpRecord, run_open_loop
 from loadtests.routing_bench.metrics import scrape_counters
 from loadtests.routing_bench.procs import (
     SimServer,
+    existing_servers,
     flush_caches,
     run_gateway,
     run_peer_router,
@@ -53,10 +54,12 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_workload_args(parser)
     parser.add_argument("--systems", default=DEFAULT_SYSTEMS)
+    parser.add_argument("--worker", action="append", default=[],
+                        help="use these running servers (repeatable), not a simulated cluster")  # fmt: skip
     parser.add_argument("--servers", type=int, default=4)
     parser.add_argument("--dp-size", type=int, default=2)
     parser.add_argument("--preset", default="h200-tp8")
-    parser.add_argument("--time-scale", dest="sim_time_scale", type=float, default=1.0,
+    parser.add_argument("--sim-time-scale", dest="sim_time_scale", type=float, default=1.0,
                         help="simulator time scale: real seconds per modelled second")  # fmt: skip
     parser.add_argument("--load", type=float, default=None,
                         help="arrival rate: this fraction of the modelled round-robin capacity")  # fmt: skip
@@ -142,10 +145,15 @@ async def _main(args: argparse.Namespace) -> int:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     summaries: list[Summary] = []
     extra: dict[str, dict[str, object]] = {}
-    async with run_sim_cluster(
-        log_dir, servers=args.servers, dp_size=args.dp_size, time_scale=args.sim_time_scale,
-        extra=["--preset", args.preset],
-    ) as servers:  # fmt: skip
+    cluster = (
+        existing_servers(args.worker)
+        if args.worker
+        else run_sim_cluster(
+            log_dir, servers=args.servers, dp_size=args.dp_size, time_scale=args.sim_time_scale,
+            extra=["--preset", args.preset],
+        )
+    )  # fmt: skip
+    async with cluster as servers:
         urls = [s.url for s in servers]
         model = servers[0].model
         targets = [f"{s.url}@{r}" for s in servers for r in range(s.dp_size)]
@@ -184,9 +192,12 @@ async def _main(args: argparse.Namespace) -> int:
                   f"{hit if hit is None else format(hit, '.1%')}", file=sys.stderr)  # fmt: skip
     table = markdown_table(summaries)
     command = "python -m loadtests.routing_bench " + " ".join(sys.argv[1:])
-    header = (f"HTTP benchmark on loopback: {describe(args)}; {len(requests)} requests; simulated cluster "
-              f"{args.servers} servers × DP {args.dp_size}, preset {args.preset}, sim time scale "
-              f"{args.sim_time_scale} (latencies are real seconds = modelled × time scale).")  # fmt: skip
+    if args.worker:
+        where = f"servers {', '.join(args.worker)}"
+    else:
+        where = (f"simulated cluster {args.servers} servers × DP {args.dp_size}, preset {args.preset}, "
+                 f"sim time scale {args.sim_time_scale} (latencies: real s = modelled s × scale)")  # fmt: skip
+    header = f"HTTP benchmark on loopback: {describe(args)}; {len(requests)} requests; {where}."
     print(header)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from loadtests.peers import PeerKind, PeerSpec, run_peer
 __all__ = [
     "Proc",
     "SimServer",
+    "existing_servers",
     "flush_caches",
     "free_port",
     "run_gateway",
@@ -188,6 +189,34 @@ async def run_redis(log_dir: Path) -> AsyncIterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.stop()
+
+
+@contextlib.asynccontextmanager
+async def existing_servers(urls: Sequence[str]) -> AsyncIterator[list[SimServer]]:
+    """Servers someone else runs (real SGLang or a simulator): model from /v1/models, DP size from
+    /server_info (or /get_server_info on old versions)."""
+    servers = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0)) as session:
+        for given in urls:
+            url = given.rstrip("/")
+            async with session.get(url + "/v1/models") as response:
+                models = await response.json()
+            info: dict[str, object] = {}
+            for path in ("/server_info", "/get_server_info"):
+                async with session.get(url + path) as response:
+                    if response.status == 200:
+                        info = await response.json()
+                        break
+            dp_size = info.get("dp_size")
+            servers.append(
+                SimServer(
+                    url=url,
+                    role="regular",
+                    dp_size=dp_size if isinstance(dp_size, int) and dp_size > 0 else 1,
+                    model=str(models["data"][0]["id"]),
+                )
+            )
+    yield servers
 
 
 async def flush_caches(server_urls: Sequence[str]) -> None:
