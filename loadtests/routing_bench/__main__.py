@@ -196,7 +196,7 @@ async def _main(args: argparse.Namespace) -> int:
         where = f"servers {', '.join(args.worker)}"
     else:
         where = (f"simulated cluster {args.servers} servers × DP {args.dp_size}, preset {args.preset}, "
-                 f"sim time scale {args.sim_time_scale} (latencies: real s = modelled s × scale)")  # fmt: skip
+                 f"sim time scale {args.sim_time_scale} (real s = modelled s × scale)")  # fmt: skip
     header = f"HTTP benchmark on loopback: {describe(args)}; {len(requests)} requests; {where}."
     print(header)
     print(table)
