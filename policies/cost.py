@@ -53,6 +53,24 @@ def uncached_tokens(features: RequestFeatures, target: TargetView) -> int:
 
 
 def ttft_s(features: RequestFeatures, target: TargetView) -> float:
-    """Estimated time to first token of ``features`` on ``target``, in seconds."""
-    speed = max(target.prefill_tokens_per_s, _MIN_PREFILL_TOKENS_PER_S)
-    return queue_wait_s(target) + uncached_tokens(features, target) / speed
+    """Estimated time to first token of ``features`` on ``target``, in seconds.
+
+    Equals ``queue_wait_s(target) + uncached_tokens(features, target) / speed``, written out in one
+    body because it runs for every candidate of every decision.
+    """
+    speed = target.prefill_tokens_per_s
+    speed = max(speed, _MIN_PREFILL_TOKENS_PER_S)
+    queued = target.inflight_prefill_tokens
+    reported = target.reported_waiting_tokens
+    if reported is not None and reported > queued:
+        queued = reported
+    prompt = features.prompt_tokens
+    cached = target.predicted_cached_tokens
+    if cached > prompt - 1:
+        cached = prompt - 1 if prompt > 0 else 0
+    uncached = prompt - cached
+    uncached = max(uncached, 1)
+    seconds = (queued + uncached) / speed
+    if target.inflight_requests > 0 or target.reported_running or target.reported_waiting:
+        seconds += 0.5 * target.decode_step_s
+    return seconds

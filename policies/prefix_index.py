@@ -145,10 +145,14 @@ class PrefixIndex:
             room = limit - len(out)
             if room <= 0:
                 break
-            positions = _bits(mask)
-            if len(positions) > room:
-                start = rotate % len(positions)
-                positions = (positions[start:] + positions[:start])[:room]
+            if mask.bit_count() <= room:
+                positions = _bits(mask, room)
+            else:
+                # Too many ties: start at a rotating bit position, take ``room`` of them.
+                width = mask.bit_length()
+                shift = rotate % width
+                wrapped = (mask >> shift) | ((mask & ((1 << shift) - 1)) << (width - shift))
+                positions = [(p + shift) % width for p in _bits(wrapped, room)]
             out.extend(Match(by_position[p].target, depth) for p in positions)
         return out
 
@@ -250,9 +254,10 @@ class PrefixIndex:
             del self._holders[block]
 
 
-def _bits(mask: int) -> list[int]:
+def _bits(mask: int, limit: int) -> list[int]:
+    """Positions of the lowest ``limit`` set bits of ``mask``."""
     positions: list[int] = []
-    while mask:
+    while mask and len(positions) < limit:
         low = mask & -mask
         positions.append(low.bit_length() - 1)
         mask ^= low

@@ -202,7 +202,7 @@ class Router(Generic[W]):
         seed: int | None = None,
         block_bytes: int = DEFAULT_BLOCK_BYTES,
         block_ids: int = DEFAULT_BLOCK_IDS,
-        matched_cap: int = 64,
+        matched_cap: int = 32,
         reported_load_interval_s: float = 0.25,
         lease_renew_interval_s: float = 30.0,
         decisions_kept: int = 1024,
@@ -277,16 +277,16 @@ class Router(Generic[W]):
     # -- snapshot --------------------------------------------------------------------------------
 
     def _table(self, model: str, workers: Sequence[W], state: ModelState) -> _Table[W]:
-        signature = tuple(
-            (w.url, w.dp_size, w.max_total_num_tokens, w.prefill_tokens_per_s, w.decode_step_s)
-            for w in workers
-        )
+        # Registry workers are immutable and swapped on change, so identities tell whether the set
+        # changed; the table keeps them referenced, so an id cannot be reused meanwhile.
+        signature = tuple(map(id, workers))
         table = self._tables.get(model)
         now = self._clock()
         if table is None or table.signature != signature:
             table = _Table(signature, {w.url: w for w in workers})
             self._tables[model] = table
             self._rebuild(model, table, state, now)
+            self._set_budgets(model, table, state)
             return table
         if now - table.loads_at >= self._reported_interval:
             self._rebuild(model, table, state, now)
@@ -329,12 +329,18 @@ class Router(Generic[W]):
             for rank in range(max(worker.dp_size, 1)):
                 key = TargetKey(url, rank)
                 views.append(self._view(worker, key, state))
-                state.index.set_budget(key, self._budget_blocks(model, worker, key))
         table.base = views
         table.position = {view.key: i for i, view in enumerate(views)}
         table.total_inflight = sum(view.inflight_requests for view in views)
         table.load_version = state.version
         table.loads_at = now
+
+    def _set_budgets(self, model: str, table: _Table[W], state: ModelState, url: str | None = None) -> None:
+        """Bound each target's index entries by its KV capacity (in blocks at the learned bytes/token)."""
+        for view in table.base:
+            if url is None or view.key.worker == url:
+                worker = table.workers[view.key.worker]
+                state.index.set_budget(view.key, self._budget_blocks(model, worker, view.key))
 
     def _patch(self, table: _Table[W], position: int, state: ModelState) -> None:
         old = table.base[position]
@@ -384,14 +390,18 @@ class Router(Generic[W]):
         position = table.position if views is table.base else {v.key: i for i, v in enumerate(views)}
         matched: list[int] = []
         match_blocks: dict[TargetKey, int] = {}
-        for match in state.index.match(
-            blocks.hashes, limit=self._matched_cap, rotate=self._rng.getrandbits(32)
-        ):
+        learned = self._bytes_per_token
+        model_bpt = self.bytes_per_token(None, model)
+        rotate = self._rng.getrandbits(32)
+        for match in state.index.match(blocks.hashes, limit=self._matched_cap, rotate=rotate):
             i = position.get(match.target)
             if i is None:
                 continue
             view = targets[i]
-            tokens = int(match.blocks * self._tokens_per_block(blocks, view.key.worker, model))
+            if blocks.unit == "ids":
+                tokens = match.blocks * blocks.block_size
+            else:
+                tokens = int(match.blocks * blocks.block_size / learned.get(view.key.worker, model_bpt))
             targets[i] = msgspec.structs.replace(view, predicted_cached_tokens=min(tokens, prompt_tokens))
             matched.append(i)
             match_blocks[match.target] = match.blocks
@@ -409,22 +419,12 @@ class Router(Generic[W]):
             raise NoHealthyWorker(str(exc)) from exc
         self._sequence[model] = sequence + 1
 
-        by_key = {
-            v.key: v
-            for v in (
-                targets[position[k]] for k in (decision.target, *decision.alternatives) if k in position
-            )
-        }
-        choices = [
-            Choice(k, by_key[k].inflight_requests)
-            for k in (decision.target, *decision.alternatives)
-            if k in by_key
-        ]
-        stamps = {
-            c.target: state.index.stamps(c.target, blocks.hashes[: match_blocks[c.target]])
-            for c in choices
-            if c.target in match_blocks
-        }
+        by_key = {k: targets[position[k]] for k in (decision.target, *decision.alternatives) if k in position}
+        choices = [Choice(k, view.inflight_requests) for k, view in by_key.items()]
+        # Recency stamps of the blocks the first choice holds, before this request refreshes them:
+        # finish() reads them to tell what the server must have evicted if it reports a shorter hit.
+        first = decision.target
+        prior_stamps = state.index.stamps(first, blocks.hashes[: match_blocks.get(first, 0)])
         chosen_view = by_key[decision.target]
         lease = await self.store.reserve(
             model,
@@ -458,7 +458,7 @@ class Router(Generic[W]):
             lease=lease,
             blocks=blocks,
             predicted_blocks=match_blocks.get(lease.target, 0),
-            prior_stamps=stamps.get(lease.target, ()),
+            prior_stamps=prior_stamps if lease.target == first else (),
         )
         self._live.add(route)
         self._decisions.append(
@@ -500,8 +500,13 @@ class Router(Generic[W]):
         if blocks.unit == "bytes" and outcome.prompt_tokens and blocks.length > 0:
             observed = blocks.length / outcome.prompt_tokens
             if observed > 0:
+                before = self.bytes_per_token(worker.url, model)
                 self._learn_bytes_per_token(worker.url, observed)
                 self._learn_bytes_per_token("model:" + model, observed)
+                table = self._tables.get(model)
+                if table is not None and abs(self.bytes_per_token(worker.url, model) / before - 1) > 0.05:
+                    # The capacity in blocks moved noticeably: re-bound this worker's targets.
+                    self._set_budgets(model, table, self.store.model(model), worker.url)
 
         forget: Iterable[int] = ()
         forget_through: int | None = None

@@ -155,6 +155,6 @@ def test_prefix_aware_on_a_large_snapshot_looks_at_matches_and_a_sample() -> Non
     source = MatchedPlusSample()
     candidates = source.candidates(snapshot, random.Random(0))
     assert candidates[0] == 700
-    assert len(candidates) == 33
+    assert len(candidates) == 17
     decision = get_policy("prefix_aware").decide(FEATURES, snapshot, random.Random(0))
     assert decision.target.worker == "t0700"
