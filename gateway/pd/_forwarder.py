@@ -1,0 +1,851 @@
+"""One PD request: pick a prefill and a decode target, send both legs at once, answer with decode's.
+
+    prefill_router.route() ─┐                       ┌─▶ prefill leg (read whole; its verdict)
+                            ├─ rooms ─ shape both ──┤
+    decode_router.route() ──┘                       └─▶ decode leg ─▶ client (bytes as they come)
+
+Failure rules (the regular proxy's, extended to two legs):
+- the prefill leg failing (connect error, 5xx, an error or abort in a 200, no answer within
+  ``prefill_timeout_s``) aborts the decode leg at once (its connection is closed, so SGLang drops
+  the request instead of waiting 300 s for KV that will never come); the decode leg failing
+  before its first byte aborts the prefill leg;
+- either way, if the client has seen nothing, both legs are retried on a new pair with new rooms
+  (the failed server excluded), at most ``retries`` times, then answered with an OpenAI-shaped
+  502/503/504 naming the leg that failed;
+- a 4xx from either leg is the client's fault: the other leg is aborted and the 4xx passed through;
+- after the first byte of a stream, a failure ends the stream with an SSE error event and [DONE];
+- a client that goes away cancels the handler, which closes both legs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import msgspec
+
+from backends.sglang import DEFAULT_BOOTSTRAP_PORT, Bootstrap, PdRequests, shape_pd_requests
+from gateway.errors import GatewayError, model_not_found, sse_error_event, upstream_failed
+from gateway.http._usage import Usage, usage_from_body, usage_from_stream_tail
+from gateway.pd._logprobs import StreamMerger, input_logprobs, merge_body
+from gateway.pd._rooms import RoomAllocator
+from gateway.pd._settings import PDSettings
+from gateway.pd._shape import RequestShape, request_shape
+from gateway.routing import NoHealthyWorker, Outcome, Route, RoutingRequest, UnknownModel
+from gateway.routing._features import prompt_blocks
+from gateway.upstream import (
+    Transport,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamRequest,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
+from policies.prefix import DEFAULT_BLOCK_BYTES, DEFAULT_BLOCK_IDS
+from policies.types import Role
+
+__all__ = ["ClientState", "EndpointLike", "PDForwarder", "PDRouterLike", "Send", "SpanLike"]
+
+logger = logging.getLogger("cachet.gateway.pd")
+
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+_DROPPED_RESPONSE_HEADERS = frozenset({"content-length", "date", "server"})
+_EVENT_STREAM = "text/event-stream"
+_TAIL_CHUNKS = 8
+
+
+class EndpointLike(Protocol):
+    """gateway.http's Endpoint: routing name (chat|completion|generate) and upstream path."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def path(self) -> str: ...
+
+
+class ClientState(Protocol):
+    """The proxy's per-request flags shared with its disconnect watcher."""
+
+    started: bool
+    streaming: bool
+    completing: bool
+    disconnected: bool
+
+
+class SpanLike(Protocol):
+    def set(self, **attributes: str | int | float | bool | None) -> None: ...
+
+
+class PDWorker(Protocol):
+    @property
+    def url(self) -> str: ...
+    @property
+    def role(self) -> Role: ...
+    @property
+    def dp_size(self) -> int: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def bootstrap_port(self) -> int | None: ...
+
+
+class PDRegistry(Protocol):
+    def workers(
+        self, model: str | None = None, role: Role | None = None, healthy_only: bool = True
+    ) -> Sequence[PDWorker]: ...
+
+
+class PDRouterLike(Protocol):
+    """gateway.routing.Router, one per role."""
+
+    async def route(self, req: RoutingRequest) -> Route[Any]: ...
+
+    async def finish(self, route: Route[Any], outcome: Outcome) -> None: ...
+
+    def bytes_per_token(self, worker_url: str | None, model: str) -> float: ...
+
+
+class _LegFailed(Exception):
+    """One leg failed before the client saw a byte; the pair may be replaced."""
+
+    def __init__(
+        self, role: Role, url: str, message: str, *, timeout: bool = False, status: int | None = None
+    ) -> None:
+        super().__init__(f"{role.value} server {url}: {message}")
+        self.role = role
+        self.url = url
+        self.timeout = timeout
+        self.status = status
+
+
+class _PrefillAnswer:
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+class _DecodeAnswer:
+    """The decode leg once it has something for the client: a whole body, or a stream's first bytes."""
+
+    __slots__ = ("body", "chunks", "first", "response")
+
+    def __init__(
+        self,
+        response: UpstreamResponse,
+        *,
+        body: bytes | None = None,
+        chunks: AsyncIterator[bytes] | None = None,
+        first: bytes = b"",
+    ) -> None:
+        self.response = response
+        self.body = body
+        self.chunks = chunks
+        self.first = first
+
+
+class _Final(Exception):
+    """The client has been answered by a leg's 4xx; stop trying."""
+
+
+def _header_safe(text: str) -> str:
+    return text.encode("ascii", "replace").decode().replace("\r", " ").replace("\n", " ")
+
+
+def _is_event_stream(headers: list[tuple[str, str]]) -> bool:
+    for name, value in headers:
+        if name.lower() == "content-type":
+            return value.startswith(_EVENT_STREAM)
+    return False
+
+
+def _client_headers(
+    headers: list[tuple[str, str]], extra: list[tuple[str, str]]
+) -> list[tuple[bytes, bytes]]:
+    raw = [
+        (name.lower().encode("latin-1"), value.encode("latin-1"))
+        for name, value in headers
+        if name.lower() not in _DROPPED_RESPONSE_HEADERS
+    ]
+    raw.extend((name.encode("latin-1"), value.encode("latin-1")) for name, value in extra)
+    return raw
+
+
+async def _error_detail(response: UpstreamResponse, limit: int = 300) -> str:
+    try:
+        data = await response.aread()
+    except UpstreamError as exc:
+        return f"(body unreadable: {type(exc).__name__})"
+    text = data[:limit].decode("utf-8", "replace").strip()
+    return text or "(empty body)"
+
+
+class _AbortProbe(msgspec.Struct):
+    type: str | None = None
+
+
+class _MetaProbe(msgspec.Struct):
+    finish_reason: _AbortProbe | None = None
+
+
+class _Probe(msgspec.Struct):
+    meta_info: _MetaProbe | None = None
+    error: Any = None
+
+
+_PROBE = msgspec.json.Decoder(_Probe)
+_PROBES = msgspec.json.Decoder(list[_Probe])
+
+
+def _prefill_problem(answer: _PrefillAnswer) -> str | None:
+    """Why a 200 from prefill is still a failure (an error event, an aborted request), or None."""
+    body = answer.body.strip()
+    if body.startswith(b"data:"):
+        end = body.rfind(b"data: [DONE]")
+        start = body.rfind(b"data:", 0, end if end >= 0 else len(body))
+        payload = body[start + 5 : end if end >= 0 else len(body)].strip()
+    else:
+        payload = body
+    try:
+        probes = _PROBES.decode(payload) if payload.startswith(b"[") else [_PROBE.decode(payload)]
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    for probe in probes:
+        if probe.error is not None:
+            return f"error reported: {payload[:300].decode('utf-8', 'replace')}"
+        meta = probe.meta_info
+        if meta is not None and meta.finish_reason is not None and meta.finish_reason.type == "abort":
+            return f"request aborted: {payload[:300].decode('utf-8', 'replace')}"
+    return None
+
+
+class PDForwarder:
+    """Serves chat/completion/generate requests of models with prefill and decode pools.
+
+    ``forward`` answers the client itself and returns True, or returns False without having sent
+    anything when the request should take the regular path instead (conditional disaggregation, or
+    the fallback to regular workers when a PD pool is down).
+    """
+
+    def __init__(
+        self,
+        registry: PDRegistry,
+        transport: Transport,
+        *,
+        prefill_router: PDRouterLike,
+        decode_router: PDRouterLike,
+        settings: PDSettings | None = None,
+        rooms: RoomAllocator | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        on_connect_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        self._registry = registry
+        self._transport = transport
+        self._prefill = prefill_router
+        self._decode = decode_router
+        self._settings = settings if settings is not None else PDSettings()
+        self._rooms = rooms if rooms is not None else RoomAllocator()
+        self._clock = clock
+        self._on_connect_failure = on_connect_failure
+
+    @property
+    def settings(self) -> PDSettings:
+        return self._settings
+
+    @property
+    def rooms(self) -> RoomAllocator:
+        return self._rooms
+
+    async def start(self) -> None:
+        for router in (self._prefill, self._decode):
+            start: Callable[[], Awaitable[None]] | None = getattr(router, "start", None)
+            if start is not None:
+                await start()
+
+    async def aclose(self) -> None:
+        for router in (self._prefill, self._decode):
+            close: Callable[[], Awaitable[None]] | None = getattr(router, "aclose", None)
+            if close is not None:
+                await close()
+
+    def serves(self, model: str) -> bool:
+        """Whether ``model`` has a prefill or decode pool (healthy or not)."""
+        registry = self._registry
+        return bool(
+            registry.workers(model=model, role=Role.PREFILL, healthy_only=False)
+            or registry.workers(model=model, role=Role.DECODE, healthy_only=False)
+        )
+
+    def _has_regular(self, model: str) -> bool:
+        return bool(self._registry.workers(model=model, role=Role.REGULAR, healthy_only=True))
+
+    def _prompt_tokens(self, request: RoutingRequest) -> int:
+        blocks, batch = prompt_blocks(request, block_bytes=DEFAULT_BLOCK_BYTES, block_ids=DEFAULT_BLOCK_IDS)
+        if blocks.unit == "ids":
+            return blocks.length * batch
+        return int(blocks.length * batch / self._prefill.bytes_per_token(None, request.model)) + 1
+
+    # -- the request -----------------------------------------------------------------------------
+
+    async def forward(
+        self,
+        *,
+        endpoint: EndpointLike,
+        request: RoutingRequest,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        send: Send,
+        client: ClientState,
+        span: SpanLike | None = None,
+    ) -> bool:
+        """Serve ``request`` over a prefill/decode pair; see the class docstring for the result.
+
+        Raises GatewayError (to be sent by the caller) only while the client has seen nothing.
+        """
+        settings = self._settings
+        shape = request_shape(endpoint.name, body, request)
+        excluded = {Role.PREFILL: frozenset[str](), Role.DECODE: frozenset[str]()}
+        failure: _LegFailed | None = None
+        for attempt in range(settings.retries + 1):
+            try:
+                prefill_route = await self._prefill.route(self._excluding(request, excluded[Role.PREFILL]))
+            except UnknownModel:
+                raise model_not_found(request.model) from None
+            except NoHealthyWorker:
+                if failure is not None:
+                    break
+                return self._pool_down(request.model, Role.PREFILL)
+            if attempt == 0 and settings.direct_below_tokens > 0 and self._has_regular(request.model):
+                uncached = self._prompt_tokens(request) - prefill_route.decision.predicted_cached_tokens
+                if uncached < settings.direct_below_tokens:
+                    # Forget the reservation (and the prefix it would have recorded there).
+                    await self._finish(self._prefill, prefill_route, Outcome(ok=False))
+                    if span is not None:
+                        span.set(pd="direct", pd_uncached_tokens=uncached)
+                    return False
+            try:
+                decode_route = await self._decode.route(self._excluding(request, excluded[Role.DECODE]))
+            except (UnknownModel, NoHealthyWorker):
+                await self._finish(self._prefill, prefill_route, Outcome(ok=False))
+                if failure is not None:
+                    break
+                return self._pool_down(request.model, Role.DECODE)
+            try:
+                await self._pair(
+                    endpoint=endpoint,
+                    request=request,
+                    shape=shape,
+                    body=body,
+                    headers=headers,
+                    prefill_route=prefill_route,
+                    decode_route=decode_route,
+                    send=send,
+                    client=client,
+                    span=span,
+                )
+                return True
+            except _Final:
+                return True
+            except _LegFailed as exc:
+                logger.warning("PD attempt %d failed before the first byte: %s", attempt + 1, exc)
+                failure = exc
+                excluded[exc.role] = excluded[exc.role] | {exc.url}
+        assert failure is not None
+        if failure.status == 503:
+            raise GatewayError(
+                503,
+                f"All PD servers for model '{request.model}' are overloaded: {failure}",
+                "server_error",
+                code="upstream_overloaded",
+                headers=(("retry-after", str(settings.retry_after_s)),),
+            )
+        raise upstream_failed(
+            f"No prefill/decode pair could serve the request: {failure}", timeout=failure.timeout
+        )
+
+    @staticmethod
+    def _excluding(request: RoutingRequest, urls: frozenset[str]) -> RoutingRequest:
+        return msgspec.structs.replace(request, exclude=urls) if urls else request
+
+    def _pool_down(self, model: str, role: Role) -> bool:
+        if self._settings.fallback_to_regular and self._has_regular(model):
+            logger.warning("no healthy %s server for model %s: serving on regular workers", role.value, model)
+            return False
+        raise GatewayError(
+            503,
+            f"No healthy {role.value} server is serving model '{model}' right now; retry later",
+            "server_error",
+            code="no_healthy_worker",
+            headers=(("retry-after", str(self._settings.retry_after_s)),),
+        )
+
+    async def _finish(self, router: PDRouterLike, route: Route[Any], outcome: Outcome) -> None:
+        try:
+            await router.finish(route, outcome)
+        except Exception:
+            logger.exception("router.finish failed for %s", route.worker.url)
+
+    # -- one pair --------------------------------------------------------------------------------
+
+    def _shape(
+        self,
+        *,
+        endpoint: EndpointLike,
+        shape: RequestShape,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        prefill_route: Route[Any],
+        decode_route: Route[Any],
+        rooms: tuple[int, ...],
+    ) -> PdRequests:
+        prefill = prefill_route.worker
+        host = urlsplit(prefill.url).hostname or "127.0.0.1"
+        port = prefill.bootstrap_port if prefill.bootstrap_port is not None else DEFAULT_BOOTSTRAP_PORT
+        return shape_pd_requests(
+            endpoint=endpoint.name,
+            body=body,
+            headers=headers,
+            bootstrap=Bootstrap(host=host, port=port, rooms=rooms),
+            prefill=prefill,
+            prefill_dp_rank=prefill_route.dp_rank,
+            decode=decode_route.worker,
+            decode_dp_rank=decode_route.dp_rank,
+            batch=shape.listed,
+        )
+
+    @staticmethod
+    def _receipt(prefill_route: Route[Any], decode_route: Route[Any], room: int) -> list[tuple[str, str]]:
+        prefill, decode = prefill_route.decision, decode_route.decision
+        return [
+            ("x-cachet-worker", decode_route.worker.url),
+            ("x-cachet-dp-rank", str(decode.target.dp_rank)),
+            ("x-cachet-prefill-worker", prefill_route.worker.url),
+            ("x-cachet-prefill-dp-rank", str(prefill.target.dp_rank)),
+            ("x-cachet-cached-tokens", str(prefill.predicted_cached_tokens)),
+            ("x-cachet-reason", _header_safe(f"pd: prefill {prefill.reason}; decode {decode.reason}")),
+            ("x-cachet-policy", f"pd:{prefill.policy}+{decode.policy}"),
+            ("x-cachet-bootstrap-room", str(room)),
+        ]
+
+    async def _pair(
+        self,
+        *,
+        endpoint: EndpointLike,
+        request: RoutingRequest,
+        shape: RequestShape,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        prefill_route: Route[Any],
+        decode_route: Route[Any],
+        send: Send,
+        client: ClientState,
+        span: SpanLike | None,
+    ) -> None:
+        prefill_worker, decode_worker = prefill_route.worker, decode_route.worker
+        rooms = self._rooms.allocate(
+            shape.sequences, dp_size=prefill_worker.dp_size, dp_rank=prefill_route.dp_rank
+        )
+        prefill_outcome = Outcome(ok=False)
+        decode_outcome = Outcome(ok=False)
+        loop = asyncio.get_running_loop()
+        prefill_task: asyncio.Task[_PrefillAnswer] | None = None
+        decode_task: asyncio.Task[_DecodeAnswer] | None = None
+        began = self._clock()
+        try:
+            pd = self._shape(
+                endpoint=endpoint,
+                shape=shape,
+                body=body,
+                headers=headers,
+                prefill_route=prefill_route,
+                decode_route=decode_route,
+                rooms=rooms,
+            )
+            if span is not None:
+                span.set(
+                    pd="disaggregated",
+                    pd_prefill=prefill_worker.url,
+                    pd_prefill_dp_rank=prefill_route.decision.target.dp_rank,
+                    pd_decode=decode_worker.url,
+                    pd_decode_dp_rank=decode_route.decision.target.dp_rank,
+                    bootstrap_room=rooms[0],
+                    predicted_cached_tokens=prefill_route.decision.predicted_cached_tokens,
+                )
+            path = endpoint.path
+            prefill_task = loop.create_task(
+                self._prefill_leg(
+                    prefill_worker.url,
+                    UpstreamRequest(
+                        "POST", prefill_worker.url.rstrip("/") + path, pd.prefill_headers, pd.prefill_body
+                    ),
+                )
+            )
+            decode_task = loop.create_task(
+                self._decode_leg(
+                    decode_worker.url,
+                    UpstreamRequest(
+                        "POST", decode_worker.url.rstrip("/") + path, pd.decode_headers, pd.decode_body
+                    ),
+                )
+            )
+            prefill_answer, decode_answer = await self._await_legs(
+                prefill_task=prefill_task,
+                decode_task=decode_task,
+                prefill_url=prefill_worker.url,
+                decode_url=decode_worker.url,
+                shape=shape,
+                stream=request.stream,
+            )
+            receipt = self._receipt(prefill_route, decode_route, rooms[0])
+            if decode_answer is None:
+                # Prefill said 4xx: the client's request is at fault; the decode leg is already closed.
+                assert prefill_answer is not None
+                await self._send_whole(
+                    send=send,
+                    client=client,
+                    status=prefill_answer.status,
+                    headers=prefill_answer.headers,
+                    data=prefill_answer.body,
+                    receipt=receipt,
+                )
+                prefill_outcome = Outcome(ok=False, e2e_s=self._clock() - began)
+                raise _Final
+            if decode_answer.body is not None:
+                status = decode_answer.response.status
+                if status >= 400:
+                    await self._abort(prefill_task)
+                    await self._send_whole(
+                        send=send,
+                        client=client,
+                        status=status,
+                        headers=decode_answer.response.headers,
+                        data=decode_answer.body,
+                        receipt=receipt,
+                    )
+                    raise _Final
+                data = decode_answer.body
+                if shape.merge_logprobs and prefill_answer is not None:
+                    data = merge_body(data, input_logprobs(prefill_answer.body))
+                await self._send_whole(
+                    send=send,
+                    client=client,
+                    status=status,
+                    headers=decode_answer.response.headers,
+                    data=data,
+                    receipt=receipt,
+                )
+                decode_outcome = self._outcome(usage_from_body(data), None, self._clock() - began, span)
+            else:
+                decode_outcome = await self._stream(
+                    answer=decode_answer,
+                    prefill_answer=prefill_answer,
+                    shape=shape,
+                    receipt=receipt,
+                    send=send,
+                    client=client,
+                    began=began,
+                    span=span,
+                    decode_url=decode_worker.url,
+                )
+            prefill_outcome = await self._prefill_verdict(prefill_task, decode_outcome)
+        finally:
+            for task in (decode_task, prefill_task):
+                if task is not None:
+                    await self._abort(task)
+            self._rooms.release(rooms)
+            await self._finish(self._prefill, prefill_route, prefill_outcome)
+            await self._finish(self._decode, decode_route, decode_outcome)
+
+    async def _await_legs(
+        self,
+        *,
+        prefill_task: asyncio.Task[_PrefillAnswer],
+        decode_task: asyncio.Task[_DecodeAnswer],
+        prefill_url: str,
+        decode_url: str,
+        shape: RequestShape,
+        stream: bool,
+    ) -> tuple[_PrefillAnswer | None, _DecodeAnswer | None]:
+        """Wait until the decode leg has something for the client (and the prefill leg has answered,
+        when its logprobs are needed). Returns (prefill answer if any, decode answer), or
+        (prefill 4xx answer, None). Raises _LegFailed after aborting the other leg."""
+        settings = self._settings
+        deadline = self._clock() + settings.prefill_timeout_s
+        prefill_answer: _PrefillAnswer | None = None
+        decode_answer: _DecodeAnswer | None = None
+        while True:
+            waiting: set[asyncio.Task[Any]] = set()
+            if prefill_answer is None:
+                waiting.add(prefill_task)
+            if decode_answer is None:
+                waiting.add(decode_task)
+            timeout = max(deadline - self._clock(), 0.0)
+            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                if prefill_answer is None:
+                    await self._abort(decode_task)
+                    raise _LegFailed(
+                        Role.PREFILL,
+                        prefill_url,
+                        f"no answer within {settings.prefill_timeout_s:g}s",
+                        timeout=True,
+                    )
+                await self._abort(prefill_task)
+                raise _LegFailed(
+                    Role.DECODE,
+                    decode_url,
+                    f"no first byte within {settings.first_byte_after_prefill_s:g}s of the prefill's answer",
+                    timeout=True,
+                )
+            if prefill_task in done and prefill_answer is None:
+                try:
+                    prefill_answer = prefill_task.result()
+                except _LegFailed:
+                    await self._abort(decode_task)
+                    raise
+                if prefill_answer.status >= 500:
+                    await self._abort(decode_task)
+                    detail = prefill_answer.body[:300].decode("utf-8", "replace").strip()
+                    raise _LegFailed(
+                        Role.PREFILL,
+                        prefill_url,
+                        f"answered {prefill_answer.status}: {detail}",
+                        status=prefill_answer.status,
+                    )
+                if prefill_answer.status >= 400:
+                    await self._abort(decode_task)
+                    return prefill_answer, None
+                problem = _prefill_problem(prefill_answer)
+                if problem is not None:
+                    await self._abort(decode_task)
+                    raise _LegFailed(Role.PREFILL, prefill_url, problem)
+                if stream and decode_answer is None:
+                    deadline = self._clock() + settings.first_byte_after_prefill_s
+            if decode_task in done and decode_answer is None:
+                try:
+                    decode_answer = decode_task.result()
+                except _LegFailed:
+                    await self._abort(prefill_task)
+                    raise
+                if decode_answer.body is not None and decode_answer.response.status >= 400:
+                    return prefill_answer, decode_answer
+            if decode_answer is not None and (prefill_answer is not None or not shape.merge_logprobs):
+                return prefill_answer, decode_answer
+
+    async def _prefill_leg(self, url: str, upstream: UpstreamRequest) -> _PrefillAnswer:
+        try:
+            response = await self._transport.send(upstream)
+        except UpstreamError as exc:
+            self._connect_failed(url, exc)
+            raise _LegFailed(
+                Role.PREFILL, url, f"{type(exc).__name__}: {exc}", timeout=isinstance(exc, UpstreamTimeout)
+            ) from exc
+        try:
+            data = await response.aread()
+        except UpstreamError as exc:
+            raise _LegFailed(
+                Role.PREFILL,
+                url,
+                f"failed while answering: {type(exc).__name__}: {exc}",
+                timeout=isinstance(exc, UpstreamTimeout),
+            ) from exc
+        finally:
+            await response.aclose()
+        return _PrefillAnswer(response.status, list(response.headers), data)
+
+    async def _decode_leg(self, url: str, upstream: UpstreamRequest) -> _DecodeAnswer:
+        try:
+            response = await self._transport.send(upstream)
+        except UpstreamError as exc:
+            self._connect_failed(url, exc)
+            raise _LegFailed(
+                Role.DECODE, url, f"{type(exc).__name__}: {exc}", timeout=isinstance(exc, UpstreamTimeout)
+            ) from exc
+        keep = False
+        try:
+            status = response.status
+            if status >= 500:
+                detail = await _error_detail(response)
+                raise _LegFailed(Role.DECODE, url, f"answered {status}: {detail}", status=status)
+            if status >= 400 or not _is_event_stream(response.headers):
+                try:
+                    data = await response.aread()
+                except UpstreamError as exc:
+                    raise _LegFailed(
+                        Role.DECODE,
+                        url,
+                        f"failed while answering: {type(exc).__name__}: {exc}",
+                        timeout=isinstance(exc, UpstreamTimeout),
+                    ) from exc
+                return _DecodeAnswer(response, body=data)
+            chunks = response.aiter_raw()
+            try:
+                first = await anext(chunks, b"")
+            except UpstreamError as exc:
+                raise _LegFailed(
+                    Role.DECODE,
+                    url,
+                    f"failed before its first byte: {type(exc).__name__}: {exc}",
+                    timeout=isinstance(exc, UpstreamTimeout),
+                ) from exc
+            keep = True
+            return _DecodeAnswer(response, chunks=chunks, first=first)
+        finally:
+            if not keep:
+                await response.aclose()
+
+    def _connect_failed(self, url: str, exc: UpstreamError) -> None:
+        if isinstance(exc, UpstreamConnectError) and self._on_connect_failure is not None:
+            self._on_connect_failure(url)
+
+    @staticmethod
+    async def _abort(task: asyncio.Task[Any]) -> None:
+        """Stop a leg now: cancel it if still running (its connection is closed on the way out), or
+        close the response it left open."""
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            return
+        if task.cancelled() or task.exception() is not None:
+            return
+        result = task.result()
+        if isinstance(result, _DecodeAnswer) and result.chunks is not None:
+            with contextlib.suppress(Exception):
+                await result.response.aclose()
+
+    async def _prefill_verdict(self, task: asyncio.Task[_PrefillAnswer], decode: Outcome) -> Outcome:
+        """The prefill leg's outcome, once the client has its answer (it is normally long done)."""
+        if not task.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), self._settings.prefill_drain_s)
+        if not task.done() or task.cancelled() or task.exception() is not None:
+            if task.done() and not task.cancelled():
+                logger.warning("prefill leg failed after the decode answered: %s", task.exception())
+            return Outcome(ok=False)
+        answer = task.result()
+        ok = answer.status < 400 and _prefill_problem(answer) is None
+        return Outcome(
+            ok=ok,
+            prompt_tokens=decode.prompt_tokens,
+            cached_tokens=decode.cached_tokens,
+            completion_tokens=None,
+        )
+
+    # -- to the client ---------------------------------------------------------------------------
+
+    async def _send_whole(
+        self,
+        *,
+        send: Send,
+        client: ClientState,
+        status: int,
+        headers: list[tuple[str, str]],
+        data: bytes,
+        receipt: list[tuple[str, str]],
+    ) -> None:
+        raw = _client_headers(headers, receipt)
+        raw.append((b"content-length", str(len(data)).encode()))
+        client.started = True
+        client.completing = True
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": data, "more_body": False})
+
+    async def _stream(
+        self,
+        *,
+        answer: _DecodeAnswer,
+        prefill_answer: _PrefillAnswer | None,
+        shape: RequestShape,
+        receipt: list[tuple[str, str]],
+        send: Send,
+        client: ClientState,
+        began: float,
+        span: SpanLike | None,
+        decode_url: str,
+    ) -> Outcome:
+        assert answer.chunks is not None
+        merger = (
+            StreamMerger(input_logprobs(prefill_answer.body))
+            if shape.merge_logprobs and prefill_answer is not None
+            else None
+        )
+        ttft = self._clock() - began
+        client.started = True
+        client.streaming = True
+        await send(
+            {
+                "type": "http.response.start",
+                "status": answer.response.status,
+                "headers": _client_headers(answer.response.headers, receipt),
+            }
+        )
+        tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
+        try:
+            if answer.first:
+                await self._send_chunk(send, answer.first, merger, tail)
+                async for chunk in answer.chunks:
+                    await self._send_chunk(send, chunk, merger, tail)
+            if merger is not None:
+                rest = merger.flush()
+                if rest:
+                    tail.append(rest)
+                    await send({"type": "http.response.body", "body": rest, "more_body": True})
+        except UpstreamError as exc:
+            logger.warning("decode %s failed mid-stream: %s", decode_url, exc)
+            client.completing = True
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": sse_error_event(
+                        "The decode server serving this request failed mid-stream "
+                        f"({type(exc).__name__}: {exc})",
+                        "server_error",
+                        "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_disconnected",
+                    ),
+                    "more_body": False,
+                }
+            )
+            return Outcome(ok=False, ttft_s=ttft, e2e_s=self._clock() - began)
+        finally:
+            await answer.response.aclose()
+        client.completing = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return self._outcome(usage_from_stream_tail(tail), ttft, self._clock() - began, span)
+
+    @staticmethod
+    async def _send_chunk(send: Send, chunk: bytes, merger: StreamMerger | None, tail: deque[bytes]) -> None:
+        if merger is not None:
+            chunk = merger.feed(chunk)
+            if not chunk:
+                return
+        tail.append(chunk)
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    @staticmethod
+    def _outcome(usage: Usage, ttft: float | None, e2e: float, span: SpanLike | None) -> Outcome:
+        if span is not None:
+            span.set(
+                prompt_tokens=usage.prompt_tokens,
+                cached_tokens=usage.cached_tokens,
+                completion_tokens=usage.completion_tokens,
+                ttft_s=ttft,
+            )
+        return Outcome(
+            ok=not usage.error,
+            prompt_tokens=usage.prompt_tokens,
+            cached_tokens=usage.cached_tokens,
+            completion_tokens=usage.completion_tokens,
+            ttft_s=ttft,
+            e2e_s=e2e,
+        )
