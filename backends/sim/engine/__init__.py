@@ -35,6 +35,7 @@ from backends.sim.engine._types import (
     StepResult,
     TokensGenerated,
 )
+from backends.sim.engine._virtual import RequestTiming, run_closed_loop
 
 __all__ = [
     "ASSISTANT_TOKEN",
@@ -62,10 +63,12 @@ __all__ = [
     "RankLoad",
     "RequestFinished",
     "RequestScheduled",
+    "RequestTiming",
     "ServerEngine",
     "SimRequest",
     "StepResult",
     "Tokenizer",
     "TokensGenerated",
     "render_chat",
+    "run_closed_loop",
 ]

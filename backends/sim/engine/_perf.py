@@ -36,7 +36,7 @@ H200 = GpuSpec(
     fp8_flops=1979e12,
     nvlink_bandwidth=450 * GB,
     nic_bandwidth=50 * GB,
-    kernel_overhead_per_layer_s=0.2875e-3,
+    kernel_overhead_per_layer_s=0.2645e-3,
 )
 
 H20 = GpuSpec(
@@ -46,7 +46,7 @@ H20 = GpuSpec(
     fp8_flops=296e12,
     nvlink_bandwidth=450 * GB,
     nic_bandwidth=50 * GB,
-    kernel_overhead_per_layer_s=0.5895e-3,
+    kernel_overhead_per_layer_s=0.5705e-3,
 )
 
 

@@ -235,6 +235,11 @@ class RankEngine:
         )
 
     @property
+    def occupied_kv_tokens(self) -> int:
+        """KV slots in use, cached-but-evictable entries included; never above max_total_num_tokens."""
+        return self.tree.total_size + self._private_tokens
+
+    @property
     def now(self) -> float:
         """Seconds of modelled GPU time this rank has spent (sum of step durations)."""
         return self._now

@@ -165,7 +165,8 @@ class Tokenizer:
         for index, word in enumerate(words):
             base = _WORD_BASE + 4 * index
             for variant, text in enumerate((word, " " + word, word.capitalize(), " " + word.capitalize())):
-                table.setdefault(text, base + variant)
+                if table.get(text, 0) < _PIECE_BASE:  # a word beats a lone ASCII byte ("a", "I")
+                    table[text] = base + variant
                 texts[base + variant] = text
             word_ids.append(base)
         if (
