@@ -2,7 +2,7 @@
 sockets. ``python -m loadtests.replay --help``."""
 
 from loadtests.replay.cluster import ClusterSpec, ReplayCluster, Speeds, measure_speeds
-from loadtests.replay.loop import RequestRecord, replay
+from loadtests.replay.loop import RequestRecord, RequestTokens, oracle_hits, replay
 from loadtests.replay.oracle import OracleCache
 from loadtests.replay.report import Summary, markdown_table, summarize
 from loadtests.replay.routers import GatewayRouting, ReplayRouter, SglangReimplRouting, make_router
@@ -18,6 +18,7 @@ __all__ = [
     "ReplayCluster",
     "ReplayRouter",
     "RequestRecord",
+    "RequestTokens",
     "SglangCacheAware",
     "SglangReimplRouting",
     "Speeds",
@@ -26,6 +27,7 @@ __all__ = [
     "make_router",
     "markdown_table",
     "measure_speeds",
+    "oracle_hits",
     "replay",
     "run_policies",
     "summarize",

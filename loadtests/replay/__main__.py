@@ -65,6 +65,7 @@ async def _main(args: argparse.Namespace) -> int:
         mtp=args.mtp,
         max_total_num_tokens=args.max_total_num_tokens,
         seed=args.seed,
+        speed_seeds=args.speed_seeds,
     )
     capacity = None
     if args.load is not None:
@@ -93,7 +94,8 @@ async def _main(args: argparse.Namespace) -> int:
     command = "python -m loadtests.replay " + " ".join(sys.argv[1:])
     header = (
         f"Replay (virtual time, engine model `backends.sim.engine`): {describe(args)}; cluster "
-        f"{args.servers} servers × DP {args.dp_size}, preset {args.preset}{' +MTP' if args.mtp else ''}. "
+        f"{args.servers} servers × DP {args.dp_size}, preset {args.preset}{' +MTP' if args.mtp else ''}, "
+        f"speed seeds {args.speed_seeds}. "
         f"sglang_cache_aware(reimpl) is a re-implementation of sglang-router's documented algorithm, "
         f"not the binary."
     )

@@ -1,5 +1,6 @@
 """The simulated cluster a replay runs on: the simulator's engine model, one RankEngine per target,
-with speed seeds measured from that same model (not guessed)."""
+with routing's speed seeds either as the live gateway's registry would set them or measured from
+that same engine model."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import functools
 import msgspec
 
 from backends.sim.engine import EngineConfig, RankEngine, ServerEngine, SimRequest
+from gateway.registry import DEFAULT_DECODE_STEP_S, DEFAULT_NODE_PREFILL_TOKENS_PER_S
 from gateway.routing.static import StaticWorker
 from policies.types import TargetKey
 
@@ -24,6 +26,10 @@ class ClusterSpec(msgspec.Struct, frozen=True, kw_only=True):
     page_size: int = 1
     max_total_num_tokens: int | None = None
     seed: int = 0
+    # Where routing's speed seeds come from: "registry" = what the gateway's registry assumes for a
+    # server that does not report speeds (as the simulator and SGLang do not), so the replay sees
+    # what the live gateway sees; "measured" = probed from this engine model.
+    speed_seeds: str = "registry"
 
 
 class Speeds(msgspec.Struct, frozen=True):
@@ -80,7 +86,12 @@ class ReplayCluster:
     def __init__(self, spec: ClusterSpec) -> None:
         self.spec = spec
         config = _config(spec)
-        speeds = measure_speeds(spec)
+        if spec.speed_seeds == "measured":
+            speeds = measure_speeds(spec)
+        elif spec.speed_seeds == "registry":
+            speeds = Speeds(DEFAULT_NODE_PREFILL_TOKENS_PER_S / spec.dp_size, DEFAULT_DECODE_STEP_S)
+        else:
+            raise ValueError(f"speed_seeds must be 'registry' or 'measured', not {spec.speed_seeds!r}")
         self.speeds = speeds
         self.engines: list[ServerEngine] = []
         self.workers: list[StaticWorker] = []

@@ -33,7 +33,7 @@ from loadtests.workloads.mooncake import block_text
 from loadtests.workloads.request import BenchRequest
 from policies.types import TargetKey
 
-__all__ = ["RequestRecord", "replay"]
+__all__ = ["RequestRecord", "RequestTokens", "oracle_hits", "replay"]
 
 _ARRIVE = 0
 _STEP_DONE = 1
@@ -62,7 +62,7 @@ class RequestRecord(msgspec.Struct, kw_only=True):
         return (self.finish_s - self.first_token_s) / (self.completion_tokens - 1)
 
 
-class _Tokens:
+class RequestTokens:
     """Token ids of a request as the server would compute them (chat template, BOS), with Mooncake
     prompts assembled from cached per-block ids (the filler text tokenises block by block)."""
 
@@ -91,6 +91,13 @@ class _Tokens:
         return self.tokenizer.encode(request.prompt, add_bos=True)
 
 
+def oracle_hits(requests: Iterable[BenchRequest]) -> dict[str, int]:
+    """Per request id, in the given (send) order: the oracle's cached tokens."""
+    tokens = RequestTokens()
+    oracle = OracleCache()
+    return {request.rid: oracle.observe(tokens.ids(request)) for request in requests}
+
+
 class _Flight:
     __slots__ = ("handle", "record", "target")
 
@@ -111,7 +118,7 @@ async def replay(
     """Replay ``requests`` (sorted by ``arrival_s``) through ``router`` onto ``cluster``; one record
     per request, in completion order. Requests still running at ``max_virtual_s`` are left
     unfinished in their records."""
-    tokens = _Tokens()
+    tokens = RequestTokens()
     oracle = oracle if oracle is not None else OracleCache()
     ranks = cluster.ranks
     heap: list[tuple[float, int, int, Any]] = []

@@ -29,6 +29,7 @@ from pathlib import Path
 import msgspec
 
 from loadtests.replay.cluster import ClusterSpec
+from loadtests.replay.loop import oracle_hits
 from loadtests.replay.report import Summary, markdown_table, summarize
 from loadtests.replay.run import estimate_capacity_rps
 from loadtests.routing_bench.client import HttpRecord, run_open_loop
@@ -175,6 +176,12 @@ async def _main(args: argparse.Namespace) -> int:
             after = await scrape_counters(urls)
             hit, server_cv, per_server = _server_side(before, after)
             ok = [r for r in records if r.error is None]
+            # The oracle sees every request in the order this run actually sent them.
+            workload_by_rid = {r.rid: r for r in requests}
+            record_by_rid = {r.rid: r for r in records}
+            sent = sorted(records, key=lambda r: r.arrival_s)
+            for rid, hit_tokens in oracle_hits(workload_by_rid[r.rid] for r in sent).items():
+                record_by_rid[rid].oracle_cached_tokens = hit_tokens
             errors = len(records) - len(ok)
             summary = summarize(name, ok, targets=targets if any(r.target for r in ok) else [], wall_s=wall,
                                 errors=errors)  # fmt: skip

@@ -30,6 +30,8 @@ class HttpRecord(msgspec.Struct, kw_only=True):
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     completion_tokens: int = 0
+    # Filled in after the run: the oracle's cached tokens for this request in the order it was sent.
+    oracle_cached_tokens: int | None = None
 
     @property
     def ttft_s(self) -> float | None:
