@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
         help="set the arrival rate to this fraction of the estimated round-robin capacity "
         "(shared-prefix and multi-round; mooncake: compresses time to reach it)",
     )
+    parser.add_argument(
+        "--speed-seeds",
+        choices=("registry", "measured"),
+        default="registry",
+        help="routing's per-rank speed seeds: the gateway registry's defaults (as live) or measured "
+        "from the engine model",
+    )
     parser.add_argument("--max-virtual-s", type=float, default=None)
     parser.add_argument("--out", type=Path, default=Path("loadtests/results"))
     return parser

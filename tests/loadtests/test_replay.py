@@ -145,3 +145,17 @@ def test_summary_counts_unfinished_requests_but_not_their_tokens() -> None:
     done = [r for r in records if r.finish_s is not None]
     assert summary.prompt_tokens == sum(r.prompt_tokens for r in done)
     assert msgspec.json.decode(msgspec.json.encode(summary))["system"] == "rr"
+
+
+def test_cluster_speed_seeds_mirror_the_registry_or_are_measured_from_the_engine() -> None:
+    from gateway.registry import DEFAULT_DECODE_STEP_S, DEFAULT_NODE_PREFILL_TOKENS_PER_S
+
+    registry = ReplayCluster(SPEC)
+    assert registry.workers[0].prefill_tokens_per_s == DEFAULT_NODE_PREFILL_TOKENS_PER_S / SPEC.dp_size
+    assert registry.workers[0].decode_step_s == DEFAULT_DECODE_STEP_S
+    measured = ReplayCluster(msgspec.structs.replace(SPEC, speed_seeds="measured"))
+    assert measured.speeds.prefill_tokens_per_s > 1000
+    assert 0.001 < measured.speeds.decode_step_s < 1.0
+    assert len(measured.targets) == SPEC.servers * SPEC.dp_size
+    with pytest.raises(ValueError, match="speed_seeds"):
+        ReplayCluster(msgspec.structs.replace(SPEC, speed_seeds="guess"))
