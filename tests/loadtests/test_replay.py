@@ -6,6 +6,7 @@ import itertools
 import msgspec
 import pytest
 
+from gateway.registry import DEFAULT_DECODE_STEP_S, DEFAULT_NODE_PREFILL_TOKENS_PER_S
 from loadtests.replay import (
     CacheAwareConfig,
     CharRadixTree,
@@ -148,8 +149,6 @@ def test_summary_counts_unfinished_requests_but_not_their_tokens() -> None:
 
 
 def test_cluster_speed_seeds_mirror_the_registry_or_are_measured_from_the_engine() -> None:
-    from gateway.registry import DEFAULT_DECODE_STEP_S, DEFAULT_NODE_PREFILL_TOKENS_PER_S
-
     registry = ReplayCluster(SPEC)
     assert registry.workers[0].prefill_tokens_per_s == DEFAULT_NODE_PREFILL_TOKENS_PER_S / SPEC.dp_size
     assert registry.workers[0].decode_step_s == DEFAULT_DECODE_STEP_S
