@@ -202,8 +202,9 @@ class Router(Generic[W]):
         seed: int | None = None,
         block_bytes: int = DEFAULT_BLOCK_BYTES,
         block_ids: int = DEFAULT_BLOCK_IDS,
-        matched_cap: int = 32,
+        matched_cap: int = 16,
         reported_load_interval_s: float = 0.25,
+        reported_max_age_s: float = 10.0,
         lease_renew_interval_s: float = 30.0,
         decisions_kept: int = 1024,
         clock: Callable[[], float] = time.monotonic,
@@ -218,6 +219,7 @@ class Router(Generic[W]):
         self._block_ids = block_ids
         self._matched_cap = matched_cap
         self._reported_interval = reported_load_interval_s
+        self._reported_max_age = reported_max_age_s
         self._renew_interval = lease_renew_interval_s
         self._clock = clock
         self._tables: dict[str, _Table[W]] = {}
@@ -305,6 +307,9 @@ class Router(Generic[W]):
     def _view(self, worker: W, key: TargetKey, state: ModelState) -> TargetView:
         load = state.loads.get(key)
         reported = self.registry.reported_load(key)
+        age = _attr_float(reported, "age_s")
+        if age is not None and age > self._reported_max_age:
+            reported = None  # the server stopped answering load polls; its last word is stale
         return TargetView(
             key=key,
             role=worker.role,

@@ -11,7 +11,10 @@ same prompt families and reports percentiles of:
 - hash: canonicalising and block-hashing the prompt;
 - decide: the policy's decide() alone;
 - route: all of Router.route() (hash, prefix match, snapshot, decide, reserve, receipt);
+- route_minus_hash: route's CPU time less the hashing CPU time measured on the same request;
 - finish: Router.finish() (release and index correction).
+
+Each as this thread's CPU time and as wall time (see _Timer).
 
 With the embedded store nothing awaits, so the times are CPU cost. With ``--redis-url`` the store
 is the Redis one and route/finish include one Redis round trip each.
@@ -51,16 +54,38 @@ def _text(rng: random.Random, size: int) -> str:
     return " ".join(out)[:size]
 
 
+class _Timer:
+    """Wall time and this thread's CPU time of a section. On a shared machine the wall time of a
+    few percent of samples includes being descheduled; CPU time is the cost of the code itself."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self._wall = 0.0
+        self._cpu = 0
+
+    def start(self) -> None:
+        self._wall = time.perf_counter()
+        self._cpu = time.thread_time_ns()
+
+    def stop(self) -> None:
+        self.cpu.append((time.thread_time_ns() - self._cpu) / 1e9)
+        self.wall.append(time.perf_counter() - self._wall)
+
+    def report(self) -> dict[str, dict[str, float]]:
+        return {"cpu": _percentiles(self.cpu), "wall": _percentiles(self.wall)}
+
+
 class _TimedPolicy:
     def __init__(self, inner: Policy) -> None:
         self.inner = inner
         self.name = inner.name
-        self.samples: list[float] = []
+        self.timer = _Timer()
 
     def decide(self, features: RequestFeatures, snapshot: Snapshot, rng: random.Random) -> Decision:
-        started = time.perf_counter()
+        self.timer.start()
         decision = self.inner.decide(features, snapshot, rng)
-        self.samples.append(time.perf_counter() - started)
+        self.timer.stop()
         return decision
 
 
@@ -125,30 +150,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     fill_s = time.perf_counter() - filled_started
     await router.finish(await router.route(request()), Outcome(ok=True))
 
-    hash_s: list[float] = []
-    route_s: list[float] = []
-    finish_s: list[float] = []
+    hashing, routing, finishing = _Timer(), _Timer(), _Timer()
     hits = 0
-    policy.samples.clear()
+    policy.timer = _Timer()
     reqs = [request() for _ in range(args.requests)]
     gc.collect()
     gc.freeze()
     inflight: list[Any] = []
     for req in reqs:
-        started = time.perf_counter()
+        hashing.start()
         prompt_blocks(req, block_bytes=DEFAULT_BLOCK_BYTES, block_ids=DEFAULT_BLOCK_IDS)
-        hash_s.append(time.perf_counter() - started)
-        started = time.perf_counter()
+        hashing.stop()
+        routing.start()
         route = await router.route(req)
-        route_s.append(time.perf_counter() - started)
+        routing.stop()
         hits += route.decision.predicted_cached_tokens > 0
         inflight.append(route)
         if len(inflight) >= args.concurrency:  # keep ``concurrency`` requests in flight
             done = inflight.pop(rng.randrange(len(inflight)))
-            started = time.perf_counter()
             cached = done.decision.predicted_cached_tokens
+            finishing.start()
             await router.finish(done, Outcome(ok=True, prompt_tokens=None, cached_tokens=cached))
-            finish_s.append(time.perf_counter() - started)
+            finishing.stop()
     for done in inflight:
         await router.finish(done, Outcome(ok=True))
     gc.unfreeze()
@@ -162,10 +185,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "prefix_hits": hits,
         "store": store.name,
         "policy": args.policy,
-        "hash": _percentiles(hash_s),
-        "decide": _percentiles(policy.samples),
-        "route": _percentiles(route_s),
-        "finish": _percentiles(finish_s),
+        "hash": hashing.report(),
+        "decide": policy.timer.report(),
+        "route": routing.report(),
+        "route_minus_hash_cpu": _percentiles([r - h for r, h in zip(routing.cpu, hashing.cpu, strict=True)]),
+        "finish": finishing.report(),
     }
 
 

@@ -119,8 +119,8 @@ class RedisStore:
         retry_interval_s: float = 1.0,
         loads_sync_interval_s: float = 0.05,
         max_events_per_call: int = 2000,
-        stream_maxlen: int = 50_000,
-        bootstrap_events: int = 50_000,
+        stream_maxlen: int = 20_000,
+        bootstrap_events: int = 20_000,
         default_budget_blocks: int = 65_536,
         key_prefix: str = "cachet",
         client: Any = None,
@@ -455,7 +455,7 @@ class RedisStore:
         """Rebuild ``model``'s index from the stream's recent history (a replica's cold start)."""
         state = self.model(model)
         try:
-            async with asyncio.timeout(max(self.op_timeout_s * 50, 1.0)):
+            async with asyncio.timeout(max(self.op_timeout_s * 20, 2.0)):
                 entries = await self._client.xrevrange(self._keys[model][3], count=self.bootstrap_events)
         except (RedisError, OSError, TimeoutError):
             self._mark_down()

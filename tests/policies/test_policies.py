@@ -6,7 +6,7 @@ from collections import Counter
 import msgspec
 import pytest
 
-from policies import UnknownPolicy, get_policy, policy_names
+from policies import UnknownPolicy, cost, get_policy, policy_names
 from policies.pieces import MatchedPlusSample
 from policies.types import NoTarget, RequestFeatures, Role, Snapshot, TargetKey, TargetView
 
@@ -155,6 +155,26 @@ def test_prefix_aware_on_a_large_snapshot_looks_at_matches_and_a_sample() -> Non
     source = MatchedPlusSample()
     candidates = source.candidates(snapshot, random.Random(0))
     assert candidates[0] == 700
-    assert len(candidates) == 17
+    assert len(candidates) == 17  # 1 match + 16 sampled
     decision = get_policy("prefix_aware").decide(FEATURES, snapshot, random.Random(0))
     assert decision.target.worker == "t0700"
+
+
+def test_inlined_ttft_matches_its_definition() -> None:
+    rng = random.Random(5)
+    for _ in range(500):
+        target = view(
+            "t",
+            prefill_tokens_per_s=rng.choice([0.0, 800.0, 12_000.0]),
+            decode_step_s=rng.random() / 10,
+            inflight_requests=rng.randint(0, 3),
+            inflight_prefill_tokens=rng.randint(0, 9000),
+            reported_waiting=rng.choice([None, 0, 4]),
+            reported_running=rng.choice([None, 0, 7]),
+            reported_waiting_tokens=rng.choice([None, 0, 5000]),
+            predicted_cached_tokens=rng.randint(0, 5000),
+        )
+        features = RequestFeatures(model="m", prompt_tokens=rng.randint(0, 4000))
+        speed = max(target.prefill_tokens_per_s, 1.0)
+        expected = cost.queue_wait_s(target) + cost.uncached_tokens(features, target) / speed
+        assert cost.ttft_s(features, target) == pytest.approx(expected)

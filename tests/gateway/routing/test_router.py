@@ -185,3 +185,21 @@ async def test_bytes_per_token_learned_from_reported_prompt_tokens() -> None:
 
 def router_blocks(tag: str) -> list[int]:
     return list(hash_bytes_blocks((tag * 2048).encode()).hashes)
+
+
+class AgedLoad(msgspec.Struct):
+    waiting: int
+    running: int
+    token_usage: float
+    age_s: float
+    waiting_uncached_tokens: int
+
+
+async def test_stale_reported_load_is_ignored() -> None:
+    registry = two_servers()
+    registry.loads[TargetKey("http://a")] = AgedLoad(9, 9, 0.9, 60.0, 90_000)  # type: ignore[assignment]
+    registry.loads[TargetKey("http://b")] = AgedLoad(1, 1, 0.1, 0.5, 100)  # type: ignore[assignment]
+    router = make_router("prefix_aware", registry, seed=1)
+    route = await router.route(chat("q"))
+    # a's report is a minute old, so a looks idle; b reports work queued: a wins
+    assert route.worker.url == "http://a"
