@@ -7,7 +7,7 @@ import random
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
@@ -240,6 +240,8 @@ class Router(Generic[W]):
             if not self._started:
                 await self.store.start()
                 self._started = True
+                if self._renew_interval > 0:
+                    self._spawn(self._renew_loop())
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
@@ -444,7 +446,7 @@ class Router(Generic[W]):
                 target=lease.target,
                 predicted_cached_tokens=moved.predicted_cached_tokens,
                 predicted_ttft_s=None,
-                reason=f"{decision.reason}; first choice taken by another gateway, took #{lease.choice + 1}",
+                reason=f"{decision.reason}; first choice filled up meanwhile, took #{lease.choice + 1}",
             )
         worker = table.workers[lease.target.worker]
         dp_rank = lease.target.dp_rank if worker.dp_size > 1 else None
@@ -483,15 +485,25 @@ class Router(Generic[W]):
         return route
 
     def _maybe_renew(self) -> None:
+        """Renew open leases when the renewal interval has passed on the Router's clock (which may
+        be a replay's virtual clock); ``_renew_loop`` covers idle stretches in real time."""
         now = self._clock()
         if now - self._renewed_at < self._renew_interval:
             return
         self._renewed_at = now
         leases = [route._lease for route in self._live if not route._finished]
         if leases:
-            task = asyncio.get_running_loop().create_task(self.store.renew(leases))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self.store.renew(leases))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._renew_interval)
+            self._maybe_renew()
 
     async def finish(self, route: Route[W], outcome: Outcome) -> None:
         if route._finished:

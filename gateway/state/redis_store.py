@@ -117,7 +117,7 @@ class RedisStore:
         lease_ttl_s: float = 120.0,
         op_timeout_s: float = 0.1,
         retry_interval_s: float = 1.0,
-        loads_sync_interval_s: float = 0.05,
+        loads_sync_interval_s: float = 0.25,
         max_events_per_call: int = 2000,
         stream_maxlen: int = 20_000,
         bootstrap_events: int = 20_000,

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import asyncio
+import gc
+
 import msgspec
 import pytest
 
@@ -203,3 +206,20 @@ async def test_stale_reported_load_is_ignored() -> None:
     route = await router.route(chat("q"))
     # a's report is a minute old, so a looks idle; b reports work queued: a wins
     assert route.worker.url == "http://a"
+
+
+async def test_open_leases_are_renewed_and_abandoned_ones_lapse() -> None:
+    store = MemoryStore(lease_ttl_s=0.3)
+    router = Router(two_servers(), store, get_policy("round_robin"), seed=1, lease_renew_interval_s=0.05)
+    try:
+        kept = await router.route(chat("long stream"))
+        abandoned = await router.route(chat("forgotten"))
+        del abandoned  # dropped without finish(): nothing renews it any more
+        gc.collect()
+        await asyncio.sleep(0.6)  # no traffic meanwhile: the background loop renews
+        await router.route(chat("probe"))  # expires what lapsed
+        loads = store.model("m").loads
+        assert loads[kept.target].requests == 2  # kept + probe (round robin: a, b, a)
+        assert sum(load.requests for load in loads.values()) == 2
+    finally:
+        await router.aclose()
