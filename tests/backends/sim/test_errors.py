@@ -78,7 +78,8 @@ async def test_context_length_checks(start_server: StartServer) -> None:
         r = await c.post("/generate", json={"input_ids": [1] * 10, "sampling_params": {"max_new_tokens": 60}})
         assert r.json()["error"]["message"].startswith(
             "Requested token count exceeds the model's maximum context length of 64 tokens. "
-            "You requested a total of 70 tokens: 10 tokens from the input messages and 60 tokens for the completion."
+            "You requested a total of 70 tokens: 10 tokens from the input messages and "
+            "60 tokens for the completion."
         )
         r = await c.post("/v1/completions", json={"prompt": [1] * 10, "max_tokens": 60, "stream": True})
         assert r.status_code == 400  # kick-started stream: still a plain JSON error
