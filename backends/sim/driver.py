@@ -20,6 +20,8 @@ from backends.sim.engine import (
 )
 
 Event = RequestScheduled | TokensGenerated | RequestFinished
+_MIN_SLEEP_S = 0.0005
+_MAX_LAG_S = 0.05
 
 
 class RequestHandle:
@@ -130,16 +132,25 @@ class RankDriver:
 
     async def _run(self) -> None:
         engine = self.engine
+        loop = asyncio.get_running_loop()
+        # Steps are paced against a running deadline rather than slept one by one: event-loop timers have
+        # millisecond granularity, and sub-millisecond (time-scaled) steps would otherwise each cost a full tick.
+        deadline = loop.time()
         while True:
             if not engine.has_work():
                 self._wake.clear()
                 await self._wake.wait()
+                deadline = loop.time()
                 continue
             result = engine.step()
             self.steps += 1
-            delay = result.duration_s * self._time_scale * self._slowdown()
-            # Always yield, even for a zero-length step, so HTTP handlers keep running.
-            await asyncio.sleep(delay)
+            now = loop.time()
+            # Catch up on timer overshoot, but never by more than _MAX_LAG_S (e.g. after the CPU was starved).
+            deadline = (
+                max(deadline, now - _MAX_LAG_S) + result.duration_s * self._time_scale * self._slowdown()
+            )
+            # Always yield, even when behind schedule, so HTTP handlers keep running.
+            await asyncio.sleep(deadline - now if deadline - now > _MIN_SLEEP_S else 0)
             if result.events:
                 self._deliver(result.events)
 
