@@ -134,7 +134,7 @@ class RankDriver:
         engine = self.engine
         loop = asyncio.get_running_loop()
         # Steps are paced against a running deadline rather than slept one by one: event-loop timers have
-        # millisecond granularity, and sub-millisecond (time-scaled) steps would otherwise each cost a full tick.
+        # millisecond granularity, and sub-millisecond (scaled) steps would otherwise each cost a full tick.
         deadline = loop.time()
         while True:
             if not engine.has_work():
