@@ -72,7 +72,7 @@ class DecodeLoad:
         target = targets[chosen]
         others = [i for _, _, i in keyed if i != chosen]
         reason = (
-            f"decode load: {running_requests(target)} req, kv {kv[chosen]:.0%}"
+            f"{running_requests(target)} req, kv {kv[chosen]:.0%}"
             f" (least of {len(candidates)}{', all above kv limit' if not roomy else ''}"
             f"{f', {len(tied)} tied' if len(tied) > 1 else ''})"
         )

@@ -278,6 +278,14 @@ class PDForwarder:
             if close is not None:
                 await close()
 
+    def has_pools(self) -> bool:
+        """Whether any prefill or decode server is configured at all (else PD has nothing to do)."""
+        registry = self._registry
+        return bool(
+            registry.workers(role=Role.PREFILL, healthy_only=False)
+            or registry.workers(role=Role.DECODE, healthy_only=False)
+        )
+
     def serves(self, model: str) -> bool:
         """Whether ``model`` has a prefill or decode pool (healthy or not)."""
         registry = self._registry

@@ -83,7 +83,7 @@ def test_decision_explains_itself_and_names_alternatives() -> None:
         FEATURES, Snapshot(targets=(view("a", running=1), view("b", running=2))), random.Random(0)
     )
     assert decision.policy == "decode_load"
-    assert decision.reason.startswith("decode load: 1 req")
+    assert decision.reason.startswith("1 req, kv 1%")
     assert decision.alternatives == (TargetKey("b", 0),)
 
 
