@@ -35,7 +35,7 @@ from backends.sim.engine._types import (
     StepResult,
     TokensGenerated,
 )
-from backends.sim.engine._virtual import RequestTiming, run_closed_loop
+from backends.sim.engine._virtual import RequestTiming, run_closed_loop, run_closed_loop_server
 
 __all__ = [
     "ASSISTANT_TOKEN",
@@ -71,4 +71,5 @@ __all__ = [
     "TokensGenerated",
     "render_chat",
     "run_closed_loop",
+    "run_closed_loop_server",
 ]

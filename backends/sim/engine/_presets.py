@@ -79,5 +79,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0
     max_prefill_tokens: int | None = None
     disable_radix_cache: bool = False
+    # SGLang's --schedule-conservativeness (default 1.0; multiplied by 0.3 under DP attention).
+    schedule_conservativeness: float | None = None
     # The model ends answers with EOS at a deterministic, prompt-dependent length (unless ignore_eos).
     natural_stop: bool = True

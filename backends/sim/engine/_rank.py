@@ -31,12 +31,12 @@ if TYPE_CHECKING:
     from backends.sim.engine._presets import DisaggregationMode
 
 # SGLang's admission control reserves room for future decode tokens: min(max_new_tokens, 4096) times a ratio
-# that
-# starts at 0.7, decays linearly to 0.7 * 0.14 over 600 decode steps, and jumps back up after a retraction.
+# that starts at 0.7 x schedule_conservativeness, decays linearly to 0.14 of that over 600 decode steps, and
+# jumps back up after a retraction.
 _CLIP_MAX_NEW_TOKENS = 4096
 _INIT_NEW_TOKEN_RATIO = 0.7
-_MIN_NEW_TOKEN_RATIO = 0.7 * 0.14
-_NEW_TOKEN_RATIO_DECAY = (_INIT_NEW_TOKEN_RATIO - _MIN_NEW_TOKEN_RATIO) / 600
+_MIN_NEW_TOKEN_RATIO_FACTOR = 0.14
+_NEW_TOKEN_RATIO_DECAY_STEPS = 600
 _THROUGHPUT_WINDOW_STEPS = 40
 _ABORT_MESSAGE = "Aborted by AbortReq."
 
@@ -105,6 +105,7 @@ class RankEngine:
         context_length: int,
         disaggregation_mode: DisaggregationMode,
         disable_radix_cache: bool,
+        schedule_conservativeness: float = 1.0,
         others_batch_tokens: Callable[[RankEngine], int] | None = None,
     ) -> None:
         self.dp_rank = dp_rank
@@ -134,7 +135,12 @@ class RankEngine:
         self._pending: list[Event] = []
         self._arrivals = 0
         self._now = 0.0
-        self._new_token_ratio = _INIT_NEW_TOKEN_RATIO
+        self._init_new_token_ratio = min(_INIT_NEW_TOKEN_RATIO * schedule_conservativeness, 1.0)
+        self._min_new_token_ratio = min(self._init_new_token_ratio * _MIN_NEW_TOKEN_RATIO_FACTOR, 1.0)
+        self._new_token_ratio_decay = (
+            self._init_new_token_ratio - self._min_new_token_ratio
+        ) / _NEW_TOKEN_RATIO_DECAY_STEPS
+        self._new_token_ratio = self._init_new_token_ratio
         self.last_batch_tokens = 0
         self._last_hit_rate = 0.0
         self._gen_window: deque[tuple[int, float]] = deque(maxlen=_THROUGHPUT_WINDOW_STEPS)
@@ -482,7 +488,9 @@ class RankEngine:
             generated += len(tokens)
             self._emit_tokens(req, tokens, events)
         self._gen_window.append((generated, duration))
-        self._new_token_ratio = max(_MIN_NEW_TOKEN_RATIO, self._new_token_ratio - _NEW_TOKEN_RATIO_DECAY)
+        self._new_token_ratio = max(
+            self._min_new_token_ratio, self._new_token_ratio - self._new_token_ratio_decay
+        )
         return duration
 
     def _next_token(self, req: _Req, previous: int | None, ahead: int = 0) -> int:

@@ -99,6 +99,14 @@ class ServerEngine:
         if self.max_prefill_tokens < self.page_size:
             raise ValueError("max_prefill_tokens must be >= page_size")
 
+        conservativeness = (
+            1.0 if config.schedule_conservativeness is None else config.schedule_conservativeness
+        )
+        if conservativeness < 0:
+            raise ValueError("schedule_conservativeness must be >= 0")
+        # SGLang multiplies it by 0.3 under DP attention (server_args), admitting more eagerly per rank.
+        self.schedule_conservativeness = conservativeness * (0.3 if self.enable_dp_attention else 1.0)
+
         text = TextGenerator(self.tokenizer, seed=config.seed, natural_stop=config.natural_stop)
         self.ranks: list[RankEngine] = [
             RankEngine(
@@ -113,6 +121,7 @@ class ServerEngine:
                 context_length=config.context_length,
                 disaggregation_mode=config.disaggregation_mode,
                 disable_radix_cache=config.disable_radix_cache,
+                schedule_conservativeness=self.schedule_conservativeness,
                 others_batch_tokens=self._others_batch_tokens if dp_size > 1 else None,
             )
             for rank in range(dp_size)

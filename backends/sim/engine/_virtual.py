@@ -10,6 +10,7 @@ from collections.abc import Callable
 import msgspec
 
 from backends.sim.engine._rank import RankEngine
+from backends.sim.engine._server import ServerEngine
 from backends.sim.engine._types import FinishReason, RequestFinished, SimRequest, TokensGenerated
 
 
@@ -69,6 +70,68 @@ def run_closed_loop(
             raise RuntimeError("rank went idle with requests outstanding")
         result = rank.step()
         clock = rank.now
+        for event in result.events:
+            timing = timings.get(event.rid)
+            if timing is None:
+                continue
+            if isinstance(event, TokensGenerated) and timing.first_token_s is None and event.token_ids:
+                timing.first_token_s = clock
+            elif isinstance(event, RequestFinished):
+                timing.finished_s = clock
+                timing.prompt_tokens = event.prompt_tokens
+                timing.completion_tokens = event.completion_tokens
+                timing.cached_tokens = event.cached_tokens
+                timing.finish = event.finish
+                finished += 1
+                if submitted < total_requests:
+                    submit()
+    else:
+        raise RuntimeError("closed loop did not finish within max_steps")
+    return list(timings.values())
+
+
+def run_closed_loop_server(
+    engine: ServerEngine,
+    make_request: Callable[[int], SimRequest],
+    *,
+    concurrency: int,
+    total_requests: int,
+    max_steps: int = 5_000_000,
+) -> list[RequestTiming]:
+    """:func:`run_closed_loop` over every DP rank of a server, requests spread by ``engine.pick_rank()``.
+
+    Each rank keeps its own clock; the rank whose current step ends first is stepped next, so ranks overlap in
+    virtual time as they do on real GPUs.
+    """
+    ranks = engine.ranks
+    free_at = [rank.now for rank in ranks]
+    timings: dict[str, RequestTiming] = {}
+    submitted = 0
+    finished = 0
+    clock = 0.0
+
+    def submit() -> None:
+        nonlocal submitted
+        request = make_request(submitted)
+        submitted += 1
+        index = engine.pick_rank()
+        if not ranks[index].has_work():
+            free_at[index] = max(free_at[index], clock)
+        timings[request.rid] = RequestTiming(request.rid, clock)
+        ranks[index].add(request)
+
+    for _ in range(min(concurrency, total_requests)):
+        submit()
+    for _ in range(max_steps):
+        if finished >= total_requests:
+            break
+        busy = [i for i, rank in enumerate(ranks) if rank.has_work()]
+        if not busy:
+            raise RuntimeError("server went idle with requests outstanding")
+        index = min(busy, key=lambda i: (free_at[i], i))
+        result = ranks[index].step()
+        free_at[index] += result.duration_s
+        clock = free_at[index]
         for event in result.events:
             timing = timings.get(event.rid)
             if timing is None:
