@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -165,8 +166,21 @@ def _configure_logging(level: str) -> None:
     )
 
 
+class _Stopped(Exception):
+    """SIGTERM arrived and the server has shut down gracefully."""
+
+
+def _stopped(_signum: int, _frame: object) -> None:
+    raise _Stopped
+
+
 def serve(config: GatewayConfig) -> None:
-    """Run the gateway until interrupted (uvicorn; several processes if config.processes > 1)."""
+    """Run the gateway until interrupted (uvicorn; several processes if config.processes > 1).
+
+    uvicorn shuts down gracefully on SIGTERM and then re-raises the signal; it lands in ``_stopped``
+    so a requested stop exits 0 rather than "killed by signal".
+    """
+    signal.signal(signal.SIGTERM, _stopped)
     import uvicorn  # noqa: PLC0415 - only the serving path needs it
 
     from gateway.app import RESOLVED_CONFIG_ENV, Gateway, create_app  # noqa: PLC0415
@@ -220,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
+    except _Stopped:
+        return 0
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command!r}")
