@@ -28,8 +28,9 @@ def throughput(timings: list[RequestTiming]) -> float:
 
 def preset_table() -> list[str]:
     rows = [
-        "| preset | MTP | dp | weights/GPU | KV/GPU | max_total_num_tokens/rank | max running/rank | chunk/rank "
-        "| 1-user decode tok/s | 1k-prompt TTFT | prefill tok/s/rank | c=128 out tok/s (one rank) | c=128 TTFT |",
+        "| preset | MTP | dp | weights/GPU | KV/GPU | max_total_num_tokens/rank | max running/rank "
+        "| chunk/rank | 1-user decode tok/s | 1k-prompt TTFT | prefill tok/s/rank "
+        "| c=128 out tok/s (one rank) | c=128 TTFT |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in PRESETS:
@@ -46,7 +47,8 @@ def preset_table() -> list[str]:
                 ServerEngine(config).ranks[0], requests(1000, 128, "c"), concurrency=128, total_requests=384
             )
             rows.append(
-                f"| {name} | {'on' if mtp else 'off'} | {engine.dp_size} | {engine.weight_bytes_per_gpu / 1e9:.1f} GB "
+                f"| {name} | {'on' if mtp else 'off'} | {engine.dp_size} "
+                f"| {engine.weight_bytes_per_gpu / 1e9:.1f} GB "
                 f"| {engine.kv_cache_bytes_per_gpu / 1e9:.1f} GB | {engine.max_total_num_tokens:,} "
                 f"| {engine.max_running_requests} | {engine.chunked_prefill_size} "
                 f"| {statistics.mean(t.decode_tokens_per_s for t in single):.1f} "
@@ -75,8 +77,9 @@ def dp_table() -> list[str]:
                 engine, requests(prompt, output, "d"), concurrency=users, total_requests=users * rounds
             )
             rows.append(
-                f"| {prompt} in / {output} out, {users} users x {rounds} | {name} | {throughput(timings):,.0f} "
-                f"| {statistics.mean(t.ttft_s for t in timings):.1f} s | {sum(r.num_retractions for r in engine.ranks)} |"
+                f"| {prompt} in / {output} out, {users} users x {rounds} | {name} "
+                f"| {throughput(timings):,.0f} | {statistics.mean(t.ttft_s for t in timings):.1f} s "
+                f"| {sum(r.num_retractions for r in engine.ranks)} |"
             )
     return rows
 
