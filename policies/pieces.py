@@ -116,14 +116,18 @@ class TtftScorer:
 
 
 class Pick:
-    """The picker's answer: the chosen index, the ranked rest, how many were near-equal."""
+    """The picker's answer: the chosen index, the candidates by score, how many were near-equal,
+    and the fallbacks in order of preference."""
 
-    __slots__ = ("index", "near", "ranked")
+    __slots__ = ("alternatives", "index", "near", "ranked")
 
-    def __init__(self, index: int, ranked: list[tuple[float, int]], near: int) -> None:
+    def __init__(
+        self, index: int, ranked: list[tuple[float, int]], near: int, alternatives: list[int]
+    ) -> None:
         self.index = index
         self.ranked = ranked
         self.near = near
+        self.alternatives = alternatives
 
 
 class NearBestPicker:
@@ -153,4 +157,10 @@ class NearBestPicker:
             lightest = min(targets[i].inflight_requests for i in finalists)
             finalists = [i for i in finalists if targets[i].inflight_requests == lightest]
         chosen = finalists[0] if len(finalists) == 1 else finalists[rng.randrange(len(finalists))]
-        return Pick(chosen, ranked, len(near))
+        # Fallbacks: the other ties, deepest cache first and otherwise in random order — were they
+        # in index order, every gateway whose pick was taken would fall onto the same next target.
+        others = [i for i in near if i != chosen]
+        rng.shuffle(others)
+        others.sort(key=lambda i: -targets[i].predicted_cached_tokens)
+        others.extend(index for _, index in ranked[len(near) :])
+        return Pick(chosen, ranked, len(near), others)

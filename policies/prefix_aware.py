@@ -24,7 +24,7 @@ from policies.types import Decision, NoTarget, RequestFeatures, Snapshot
 
 __all__ = ["PrefixAware"]
 
-_ALTERNATIVES = 3
+_ALTERNATIVES = 8
 
 
 class PrefixAware:
@@ -62,7 +62,7 @@ class PrefixAware:
             reason=_reason(features, chosen.predicted_cached_tokens, best_s, runner_up, pick.near),
             predicted_cached_tokens=min(chosen.predicted_cached_tokens, features.prompt_tokens),
             predicted_ttft_s=best_s,
-            alternatives=tuple(targets[i].key for _, i in pick.ranked if i != pick.index)[:_ALTERNATIVES],
+            alternatives=tuple(targets[i].key for i in pick.alternatives[:_ALTERNATIVES]),
         )
 
 

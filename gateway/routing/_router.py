@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 import weakref
@@ -240,7 +241,7 @@ class Router(Generic[W]):
             if not self._started:
                 await self.store.start()
                 self._started = True
-                if self._renew_interval > 0:
+                if 0 < self._renew_interval < math.inf:
                     self._spawn(self._renew_loop())
 
     async def aclose(self) -> None:

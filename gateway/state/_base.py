@@ -79,6 +79,17 @@ class ModelState:
         self.loads[target] = TargetLoad(requests, prefill_tokens)
         self.touch(target)
 
+    def first_within_bound(self, choices: Sequence[Choice]) -> int:
+        """Index of the first choice within its in-flight bound, else of the least loaded choice."""
+        counts: list[tuple[int, int]] = []
+        for position, choice in enumerate(choices):
+            load = self.loads.get(choice.target)
+            requests = load.requests if load is not None else 0
+            if requests <= choice.max_inflight:
+                return position
+            counts.append((requests, position))
+        return min(counts)[1]
+
     def changed_since(self, version: int) -> list[TargetKey] | None:
         """Targets whose load changed after ``version``; None if the log no longer reaches back."""
         if version == self._version:
@@ -116,8 +127,8 @@ class StateStore(Protocol):
     async def reserve(
         self, model: str, choices: Sequence[Choice], *, prefill_tokens: int, blocks: Sequence[int]
     ) -> Lease:
-        """Reserve the first choice still within its in-flight bound (else the first choice: a request
-        is never refused here) and record ``blocks`` as cached on the target reserved."""
+        """Reserve the first choice still within its in-flight bound (else the least loaded choice: a
+        request is never refused here) and record ``blocks`` as cached on the target reserved."""
         ...
 
     async def release(

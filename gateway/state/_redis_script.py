@@ -7,6 +7,7 @@ SCRIPT = r"""-- One atomic step of Cachet's shared routing state for one model (
 --       4 events STREAM (prefix-index updates published by every gateway)
 -- ARGV: op, origin, last_event_id, want_all_loads, max_events, stream_maxlen, then per op:
 --   reserve: lease_id, ttl_ms, prefill_tokens, blocks_blob, n_choices, (label, max_inflight)*n
+--            takes the first choice within its max_inflight, else the least loaded choice
 --   release: n_ids, id*n
 --   renew:   ttl_ms, n_ids, id*n
 --   sync:    (nothing)
@@ -59,12 +60,16 @@ if op == 'reserve' then
   local n = tonumber(ARGV[11])
   i = 12
   local labels = {}
+  local lightest, lightest_count = 1, nil
   for c = 1, n do
     labels[c] = ARGV[i]
-    if chosen == 0 and count(ARGV[i]) <= tonumber(ARGV[i + 1]) then chosen = c end
+    local current = count(ARGV[i])
+    if chosen == 0 and current <= tonumber(ARGV[i + 1]) then chosen = c end
+    if lightest_count == nil or current < lightest_count then lightest, lightest_count = c, current end
     i = i + 2
   end
-  if chosen == 0 then chosen = 1 end
+  -- every choice filled up beyond what the policy saw: the least loaded of them
+  if chosen == 0 then chosen = lightest end
   local label = labels[chosen]
   redis.call('ZADD', leases, now + ttl, lease_id)
   redis.call('HSET', lease, lease_id, label .. '\n' .. tokens)

@@ -83,12 +83,7 @@ class MemoryStore:
         now = self._clock()
         self._expire(now)
         state = self.model(model)
-        chosen = 0
-        for position, choice in enumerate(choices):
-            load = state.loads.get(choice.target)
-            if (load.requests if load is not None else 0) <= choice.max_inflight:
-                chosen = position
-                break
+        chosen = state.first_within_bound(choices)
         target = choices[chosen].target
         lease = Lease(f"m{next(self._ids)}", model, target, prefill_tokens, choice=chosen)
         self._held[lease.id] = _Held(lease, now + self.lease_ttl_s)

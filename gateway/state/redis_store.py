@@ -104,6 +104,7 @@ class _Shared:
         self.loads_synced_at = float("-inf")
         self.outbox: deque[tuple[bytes, str, bytes]] = deque(maxlen=_OUTBOX)
         self.pending_releases: deque[str] = deque(maxlen=_PENDING_RELEASES)
+        # Load this replica counts on top of Redis's: local-only leases, reservations in flight.
         self.local_load: dict[TargetKey, list[int]] = {}
 
 
@@ -337,7 +338,19 @@ class RedisStore:
             ]
             for choice in choices:
                 args.extend((choice.target.label(), choice.max_inflight))
-            reply = await self._call(model, "reserve", args, want_all=self._want_all(model))
+            # Count the request on its first choice while Redis answers, so decisions this replica
+            # makes meanwhile (concurrent requests) see it and spread.
+            first = choices[0].target
+            adjustment = self._shared[model].local_load.setdefault(first, [0, 0])
+            adjustment[0] += 1
+            adjustment[1] += prefill_tokens
+            state.add_load(first, 1, prefill_tokens)
+            try:
+                reply = await self._call(model, "reserve", args, want_all=self._want_all(model))
+            finally:
+                adjustment[0] -= 1
+                adjustment[1] -= prefill_tokens
+                state.add_load(first, -1, -prefill_tokens)
             if reply is not None:
                 chosen = int(reply[0]) - 1
                 if chosen > 0:
@@ -353,12 +366,7 @@ class RedisStore:
     ) -> Lease:
         state = self.model(model)
         shared = self._shared[model]
-        chosen = 0
-        for position, choice in enumerate(choices):
-            load = state.loads.get(choice.target)
-            if (load.requests if load is not None else 0) <= choice.max_inflight:
-                chosen = position
-                break
+        chosen = state.first_within_bound(choices)
         target = choices[chosen].target
         lease = Lease(lease_id, model, target, prefill_tokens, choice=chosen, local_only=True)
         self._local[lease_id] = _Local(lease, self._clock() + self.lease_ttl_s)

@@ -21,13 +21,16 @@ async def test_reserve_takes_the_first_choice_within_its_bound() -> None:
     # A now has one in flight: a request decided on a view where A was idle goes to B
     second = await store.reserve("m", [Choice(A, 0), Choice(B, 0)], prefill_tokens=50, blocks=[])
     assert second.target == B and second.choice == 1
-    # nothing within bound: the first choice anyway (a request is never refused)
+    # nothing within bound: the least loaded choice (a request is never refused)
     third = await store.reserve("m", [Choice(A, 0), Choice(B, 0)], prefill_tokens=0, blocks=[])
-    assert third.target == A
+    assert third.target == A  # a tie: the earlier choice
+    fourth = await store.reserve("m", [Choice(A, 0), Choice(B, 0)], prefill_tokens=0, blocks=[])
+    assert fourth.target == B
     loads = store.model("m").loads
     assert (loads[A].requests, loads[A].prefill_tokens) == (2, 100)
+    assert loads[B].requests == 2
     assert store.model("m").index.match([1, 2])[0].target == A
-    for lease in (first, second, third):
+    for lease in (first, second, third, fourth):
         await store.release(lease)
     await store.release(first)  # releasing twice changes nothing
     assert loads[A].requests == 0 and loads[B].requests == 0 and loads[A].prefill_tokens == 0

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from typing import Any
 
 from gateway.routing import Outcome, RoutingRequest, make_router
@@ -47,3 +49,29 @@ async def test_router_keeps_routing_when_redis_is_gone(redis_process: Any) -> No
         assert router.store.status()["redis_connected"] is False
     finally:
         await router.aclose()
+
+
+async def test_a_burst_of_misses_across_replicas_spreads(redis_process: Any) -> None:
+    registry = StaticRegistry([StaticWorker(f"http://s{i}", dp_size=2) for i in range(8)])
+    replicas = [make_router("prefix_aware", registry, redis_url=redis_process.url, seed=s) for s in (1, 2)]
+    try:
+        for router in replicas:
+            await router.start()
+        # prompts that share nothing: every one is a cache miss everywhere
+        routes = await asyncio.gather(
+            *(
+                router.route(RoutingRequest(model="default", endpoint="generate", text=f"{r}-{i} " * 400))
+                for r, router in enumerate(replicas)
+                for i in range(8)
+            )
+        )
+        placed = Counter((route.worker.url, route.dp_rank) for route in routes)
+        # 16 idle targets, 16 simultaneous misses from two gateways that cannot see each other's
+        # decisions in time: the atomic reserve + ranked fallbacks spread them (a collision happens
+        # only when all nine choices of a request were taken meanwhile)
+        assert len(placed) >= 15 and max(placed.values()) <= 2, placed
+        for router, route in zip([r for r in replicas for _ in range(8)], routes, strict=True):
+            await router.finish(route, Outcome(ok=True))
+    finally:
+        for router in replicas:
+            await router.aclose()

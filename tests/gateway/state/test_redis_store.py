@@ -62,6 +62,15 @@ async def test_reserve_is_atomic_across_replicas(replicas: Callable[..., Any]) -
     )
     assert sorted(lease.target.worker for lease in leases) == sorted(t.worker for t in TARGETS)
     assert sum(one.counters["first_choice_taken"] for one in (one, two)) == 9
+    # a freed target is found behind two busy ones
+    freed = leases[3].target
+    await one.release(leases[3])
+    late = await two.reserve("m", [*choices[:2], Choice(freed, 0)], prefill_tokens=1, blocks=[])
+    assert late.target == freed and late.choice == 2
+    # every choice busier than the policy saw: the least loaded of them
+    await one.reserve("m", [Choice(TARGETS[0], 9)], prefill_tokens=1, blocks=[])  # w0 now has 2
+    crowded = await one.reserve("m", [Choice(TARGETS[0], 0), Choice(freed, 0)], prefill_tokens=1, blocks=[])
+    assert crowded.target == freed and crowded.choice == 1
 
 
 async def test_index_updates_and_corrections_propagate(replicas: Callable[..., Any]) -> None:
