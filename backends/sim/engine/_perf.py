@@ -55,9 +55,9 @@ class Calibration(msgspec.Struct, frozen=True):
 
     # Fraction of peak HBM bandwidth that FP8 GEMV/MoE and MLA decode kernels sustain.
     hbm_efficiency: float = 0.7
-    # Model FLOPs utilisation of large prefill batches (FP8 DeepGEMM + FlashMLA, TP8, no EP/two-batch
-    # overlap).
-    prefill_mfu: float = 0.30
+    # Model FLOPs utilisation of FP8 tensor cores (DeepGEMM + FlashMLA at TP8, no EP or two-batch overlap); it
+    # decides prefill speed, decode being memory bound.
+    fp8_mfu: float = 0.30
     # Latency of one small-message NVLink all-reduce (SGLang's custom all-reduce, one node).
     collective_latency_s: float = 20e-6
     # Network round trips per decode step when TP spans nodes: fitted from 18.9 tok/s @ 0.193 ms and
@@ -165,7 +165,7 @@ class PerfModel:
         ) * layer_share
         flops += self._head_flops_per_seq * sequences / self.tp_size
         flops += attn_core_flops * layer_share / self.attn_tp_size
-        compute_time = flops / (self.gpu.fp8_flops * self.cal.prefill_mfu)
+        compute_time = flops / (self.gpu.fp8_flops * self.cal.fp8_mfu)
         overhead = n_layers * self.gpu.kernel_overhead_per_layer_s
         return max(memory_time, compute_time) + overhead + self._collectives_time(moe_tokens, n_layers)
 
