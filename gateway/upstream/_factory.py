@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib
 
 from gateway.upstream._aiohttp import AiohttpTransport
+from gateway.upstream._httptools import HttptoolsTransport
 from gateway.upstream._httpx import HttpxFamilyTransport
 from gateway.upstream._models import Transport
 
-TRANSPORT_NAMES = ("aiohttp", "httpx", "httpx2")
+TRANSPORT_NAMES = ("aiohttp", "httpx", "httpx2", "httptools")
 # Fastest correct transport by loadtests/overhead/transports.py (results in docs/bench-gateway.md).
 DEFAULT_TRANSPORT = "aiohttp"
 
@@ -41,6 +42,13 @@ def make_transport(
             raise ValueError(f"transport {name!r} needs the {name!r} package: pip install {name}") from exc
         return HttpxFamilyTransport(
             module,
+            max_connections=max_connections,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            keepalive_expiry=keepalive_expiry,
+        )
+    if name == "httptools":
+        return HttptoolsTransport(
             max_connections=max_connections,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,

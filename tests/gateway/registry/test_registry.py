@@ -15,9 +15,9 @@ from tests.gateway.upstream._server import closed_port
 FAST = {"health_interval_s": 0.05, "load_interval_s": 0.05, "request_timeout_s": 1.0}
 
 
-@pytest.fixture
-async def transport() -> AsyncIterator[Transport]:
-    made = make_transport(max_connections=16, connect_timeout=1.0, read_timeout=2.0)
+@pytest.fixture(params=["aiohttp", "httptools"])
+async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
+    made = make_transport(request.param, max_connections=16, connect_timeout=1.0, read_timeout=2.0)
     yield made
     await made.aclose()
 

@@ -240,6 +240,10 @@ async def test_upstream_sockets_have_tcp_nodelay(transport: Transport, server: S
 
 
 def _client_socket(response: object) -> socket.socket:
+    if hasattr(response, "_conn"):  # httptools
+        found = response._conn.transport.get_extra_info("socket")
+        assert found is not None
+        return found  # type: ignore[no-any-return]
     inner = response._response  # type: ignore[attr-defined]
     if hasattr(inner, "connection"):  # aiohttp
         found = inner.connection.transport.get_extra_info("socket")
