@@ -68,7 +68,7 @@ class Calibration(msgspec.Struct, frozen=True):
     # Probability each successive draft token is accepted (mean accepted length 1 + p + p^2 + p^3 = 2.53).
     mtp_accept_prob: float = 0.7
     # Per-step cost of speculation beyond the draft model's layers: draft/verify sampling, tree build, KV
-    # moves, and losing the overlap scheduler. Fitted to SGLang's published ~1.8x at batch size 1.
+    # moves, and losing the overlap scheduler. Fitted to the deployment study's ~1.8x at concurrency 1.
     mtp_step_overhead_s: float = 4.6e-3
     # Fixed cost of one PD KV transfer (RDMA handshake and completion polling), on top of bytes / NIC
     # bandwidth.
