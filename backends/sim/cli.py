@@ -52,6 +52,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("--fault-hang", action="store_true")
     add("--fault-drop-after-chunks", type=int, default=None)
     add("--fault-slowdown", type=float, default=1.0)
+    add(
+        "--fault-refuse-connections",
+        action="store_true",
+        help="start refusing connections (see --fault-refuse-for-s)",
+    )
+    add("--fault-refuse-for-s", type=float, default=0.0, help="listen again after this long (0: never)")
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> ServerSettings:
@@ -94,6 +100,8 @@ def _faults(args: argparse.Namespace) -> Faults:
         hang=args.fault_hang,
         drop_after_chunks=args.fault_drop_after_chunks,
         slowdown=args.fault_slowdown,
+        refuse_connections=args.fault_refuse_connections,
+        refuse_for_s=args.fault_refuse_for_s,
     )
     faults.validate()
     return faults

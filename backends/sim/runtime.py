@@ -112,6 +112,7 @@ class Runtime:
         self.kv_client: KVTransferClient | None = None
         self._rng = random.Random(s.seed)
         self._inflight: dict[str, _Tracking] = {}
+        self._admitting: dict[str, asyncio.Event] = {}
         self.drivers: list[RankDriver] = []
         self.ready = False
         self.started_at = time.time()
@@ -157,6 +158,10 @@ class Runtime:
 
     def busy(self) -> bool:
         return any(d.engine.has_work() for d in self.drivers) or bool(self._inflight)
+
+    @property
+    def waiting_for_pd_peer(self) -> int:
+        return len(self._admitting)
 
     def is_inflight(self, rid: str) -> bool:
         return rid in self._inflight
@@ -206,7 +211,7 @@ class Runtime:
         """Every semantic check SGLang runs before a request reaches a scheduler."""
         seen: set[str] = set()
         for item in items:
-            if item.rid in seen or item.rid in self._inflight:
+            if item.rid in seen or item.rid in self._inflight or item.rid in self._admitting:
                 raise RequestError(f"Duplicate request ID detected: {item.rid}")
             seen.add(item.rid)
             if not item.input_ids:
@@ -233,7 +238,7 @@ class Runtime:
         arrived = time.perf_counter()
         rank = self._pick_rank(item)
         driver = self.drivers[rank]
-        prefilled = await self._pd_admission(item)
+        prefilled = await self._admit_cancellably(item)
         max_new = item.max_new_tokens
         if max_new is None:
             max_new = max(self.settings.context_length - len(item.input_ids), 1)
@@ -344,6 +349,10 @@ class Runtime:
     def abort(self, rid: str, message: str | None = None) -> bool:
         tracking = self._inflight.pop(rid, None)
         if tracking is None:
+            admitting = self._admitting.get(rid)
+            if admitting is not None:
+                admitting.set()  # still waiting for its PD peer: give up the wait
+                return True
             return False
         return tracking.driver.abort(rid, message) if message is not None else tracking.driver.abort(rid)
 
@@ -359,6 +368,24 @@ class Runtime:
         return all(d.engine.flush_cache() for d in self.drivers)
 
     # ---- PD ------------------------------------------------------------------------------------------
+
+    async def _admit_cancellably(self, item: GenerationInput) -> PrefilledKV | None:
+        """`_pd_admission`, abandoned early when the request is aborted (e.g. its client left)."""
+        if self.settings.disaggregation_mode == "null":
+            return None
+        cancelled = asyncio.Event()
+        self._admitting[item.rid] = cancelled
+        admission = asyncio.ensure_future(self._pd_admission(item))
+        watcher = asyncio.ensure_future(cancelled.wait())
+        try:
+            await asyncio.wait((admission, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            self._admitting.pop(item.rid, None)
+        if not admission.done():
+            admission.cancel()
+            raise RequestError("Abort before prefill", status=400)
+        return admission.result()
 
     async def _pd_admission(self, item: GenerationInput) -> PrefilledKV | None:
         mode = self.settings.disaggregation_mode

@@ -99,7 +99,9 @@ class SimServer:
             )
             await self.bootstrap.start()
             self.info.set_bootstrap_port(self.bootstrap.port)
-        logging.getLogger("uvicorn.error").addFilter(_QuietCutFilter())
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        if not any(isinstance(f, _QuietCutFilter) for f in uvicorn_log.filters):
+            uvicorn_log.addFilter(_QuietCutFilter())
         config = uvicorn.Config(
             self,
             http="httptools",
@@ -315,6 +317,7 @@ class SimServer:
             "dp_size": runtime.dp_size,
             "inflight": [d.in_flight for d in runtime.drivers],
             "steps": [d.steps for d in runtime.drivers],
+            "waiting_for_pd_peer": runtime.waiting_for_pd_peer,
             "faults": runtime.faults,
         }
         await req.respond(200, encode_json(state))

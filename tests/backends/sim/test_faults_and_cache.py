@@ -169,3 +169,23 @@ async def test_abort_request_endpoint(client: httpx.AsyncClient) -> None:
     assert r.status_code == 200 and r.content == b""
     reply = (await task).json()
     assert reply["meta_info"]["finish_reason"]["type"] == "abort"
+
+
+async def test_decode_waiting_for_kv_gives_up_when_client_leaves(start_server: StartServer) -> None:
+    prefill = await start_server(disaggregation_mode="prefill", disaggregation_bootstrap_port=0)
+    decode = await start_server(disaggregation_mode="decode", waiting_timeout_s=60)
+    body = {
+        "text": "x",
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": prefill.bootstrap_port,
+        "bootstrap_room": 99,
+    }
+    async with httpx.AsyncClient(base_url=decode.url) as c:
+        with pytest.raises(httpx.ReadTimeout):
+            await c.post("/generate", json=body, timeout=0.3)
+        for _ in range(50):
+            if (await c.get("/sim/state")).json()["waiting_for_pd_peer"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert (await c.get("/sim/state")).json()["waiting_for_pd_peer"] == 0
+        assert (await c.post("/flush_cache")).status_code == 200
