@@ -74,7 +74,15 @@ async def stall_mid_body(ex: Exchange) -> None:
     await asyncio.sleep(30)
 
 
+BIG = bytes(range(256)) * 8192  # 2 MiB: more than any transport buffers at once
+
+
+async def big(ex: Exchange) -> None:
+    ex.writer.write(plain(BIG, ("content-type", "application/octet-stream")))
+
+
 HANDLERS = {
+    "/big": big,
     "/echo": echo,
     "/gzip": gzipped,
     "/stream": stream_three,
@@ -256,3 +264,45 @@ def _client_socket(response: object) -> socket.socket:
 def test_unknown_transport_name_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown transport"):
         make_transport("curl", max_connections=1, connect_timeout=1, read_timeout=1)
+
+
+async def test_large_body_arrives_whole(transport: Transport, server: ScriptedServer) -> None:
+    response = await transport.send(UpstreamRequest("GET", server.url + "/big"))
+    received = bytearray()
+    async for piece in response.aiter_raw():
+        received += piece
+        await asyncio.sleep(0)  # a slow reader: the transport must hold back, not lose bytes
+    await response.aclose()
+    assert bytes(received) == BIG
+
+
+async def test_more_requests_than_connections_all_complete(server: ScriptedServer) -> None:
+    for name in TRANSPORT_NAMES:
+        transport = make_transport(name, max_connections=3, connect_timeout=1.0, read_timeout=2.0)
+
+        async def one(i: int, transport: Transport = transport) -> bytes:
+            response = await transport.send(UpstreamRequest("POST", server.url + "/stream", body=b"%d" % i))
+            try:
+                return b"".join([piece async for piece in response.aiter_raw()])
+            finally:
+                await response.aclose()
+
+        results = await asyncio.gather(*(one(i) for i in range(20)))
+        assert all(r == b"data: 0\n\ndata: 1\n\ndata: 2\n\n" for r in results), name
+        await transport.aclose()
+    assert server.connections <= 3 * len(TRANSPORT_NAMES)
+
+
+async def test_idle_connections_expire_before_the_server_would_close_them(server: ScriptedServer) -> None:
+    for name in TRANSPORT_NAMES:
+        transport = make_transport(
+            name, max_connections=4, connect_timeout=1.0, read_timeout=1.0, keepalive_expiry=0.1
+        )
+        before = server.connections
+        for _ in range(2):
+            response = await transport.send(UpstreamRequest("POST", server.url + "/echo", body=b"x"))
+            await response.aread()
+            await response.aclose()
+            await asyncio.sleep(0.6)
+        assert server.connections - before == 2, name  # the idle one was not reused after expiry
+        await transport.aclose()
