@@ -30,7 +30,7 @@ from loadtests.workloads.mooncake import DEFAULT_TRACE
 from loadtests.workloads.request import BenchRequest
 
 
-@events.init_command_line_parser.add_listener
+@events.init_command_line_parser.add_listener  # type: ignore[untyped-decorator]
 def _add_arguments(parser: Any) -> None:
     parser.add_argument("--workload", choices=WORKLOADS, default="shared-prefix", include_in_web_ui=True)
     parser.add_argument("--model", default="deepseek-ai/DeepSeek-V3", include_in_web_ui=True)
@@ -84,7 +84,7 @@ class _Source:
             return self.chats[next(self._next_chat)]
 
 
-@events.test_start.add_listener
+@events.test_start.add_listener  # type: ignore[untyped-decorator]
 def _build_workload(environment: Any, **_: Any) -> None:
     # Built once per locust process, before users start, and kept on the environment.
     environment.cachet_source = _Source(environment.parsed_options)

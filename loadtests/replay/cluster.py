@@ -52,7 +52,7 @@ def _config(spec: ClusterSpec) -> EngineConfig:
 
 
 def _run_until_idle(rank: RankEngine, max_steps: int = 100_000) -> list[float]:
-    durations = []
+    durations: list[float] = []
     for _ in range(max_steps):
         if not rank.has_work():
             return durations

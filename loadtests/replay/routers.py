@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from gateway.routing import Outcome, Router, RoutingRequest
-from gateway.routing.static import StaticRegistry
+from gateway.routing.static import StaticLoad, StaticRegistry
 from gateway.state import MemoryStore
 from loadtests.replay.cluster import MODEL, ReplayCluster
 from loadtests.replay.sglang_cache_aware import CacheAwareConfig, SglangCacheAware
@@ -90,7 +90,13 @@ class GatewayRouting:
         self._loads_at = now
         loads = self._registry.loads
         for key, rank in self._cluster.ranks.items():
-            loads[key] = rank.load()
+            load = rank.load()
+            loads[key] = StaticLoad(
+                num_running_reqs=load.num_running_reqs,
+                num_waiting_reqs=load.num_waiting_reqs,
+                num_waiting_uncached_tokens=load.num_waiting_uncached_tokens,
+                token_usage=load.token_usage,
+            )
 
     async def route(self, request: BenchRequest, now: float) -> tuple[TargetKey, Any]:
         self._clock.now = now

@@ -95,8 +95,11 @@ async def _system(
                 for i in range(3)
             ]
             yield entries
-        elif kind in ("sglang-router", "vllm-router"):
-            router = run_peer_router(log_dir, kind, urls, dp_size=servers[0].dp_size)
+        elif kind == "sglang-router":
+            router = run_peer_router(log_dir, "sglang-router", urls, dp_size=servers[0].dp_size)
+            yield [await stack.enter_async_context(router)]
+        elif kind == "vllm-router":
+            router = run_peer_router(log_dir, "vllm-router", urls, dp_size=servers[0].dp_size)
             yield [await stack.enter_async_context(router)]
         elif kind == "sglang-router-x3":
             dp_size = servers[0].dp_size
