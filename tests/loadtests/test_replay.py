@@ -19,12 +19,12 @@ from loadtests.replay import (
     run_policies,
     summarize,
 )
-from loadtests.workloads import generated_shared_prefix, multi_round_chat
+from loadtests.workloads import BenchRequest, generated_shared_prefix, multi_round_chat
 
 SPEC = ClusterSpec(servers=2, dp_size=2)
 
 
-def _shared_prefix() -> list:
+def _shared_prefix() -> list[BenchRequest]:
     requests = generated_shared_prefix(
         groups=4,
         prompts_per_group=12,

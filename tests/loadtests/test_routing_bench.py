@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 from aiohttp import web
 
@@ -11,9 +12,11 @@ from loadtests.routing_bench.metrics import _parse
 from loadtests.workloads import BenchRequest
 
 
-async def _start_fake_server(delay_first_s: float, chunks: int) -> tuple[web.AppRunner, str, list[dict]]:
+async def _start_fake_server(
+    delay_first_s: float, chunks: int
+) -> tuple[web.AppRunner, str, list[dict[str, Any]]]:
     """A streaming OpenAI-style endpoint: a role-only chunk, then ``chunks`` content chunks, then usage."""
-    seen: list[dict] = []
+    seen: list[dict[str, Any]] = []
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
