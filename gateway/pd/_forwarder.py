@@ -588,7 +588,7 @@ class PDForwarder:
         when its logprobs are needed). Returns (prefill answer if any, decode answer), or
         (prefill 4xx answer, None). Raises _LegFailed after aborting the other leg."""
         settings = self._settings
-        deadline = self._clock() + settings.prefill_timeout_s
+        deadline: float | None = self._clock() + settings.prefill_timeout_s
         prefill_answer: _PrefillAnswer | None = None
         decode_answer: _DecodeAnswer | None = None
         while True:
@@ -597,7 +597,7 @@ class PDForwarder:
                 waiting.add(prefill_task)
             if decode_answer is None:
                 waiting.add(decode_task)
-            timeout = max(deadline - self._clock(), 0.0)
+            timeout = None if deadline is None else max(deadline - self._clock(), 0.0)
             done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if not done:
                 if prefill_answer is None:
@@ -637,8 +637,10 @@ class PDForwarder:
                 if problem is not None:
                     await self._abort(decode_task)
                     raise _LegFailed(Role.PREFILL, prefill_url, problem)
-                if stream and decode_answer is None:
-                    deadline = self._clock() + settings.first_byte_after_prefill_s
+                if decode_answer is None:
+                    # A stream's first byte follows the KV transfer closely; a whole body takes as
+                    # long as the generation, bounded only by the transport's read timeout.
+                    deadline = self._clock() + settings.first_byte_after_prefill_s if stream else None
             if decode_task in done and decode_answer is None:
                 try:
                     decode_answer = decode_task.result()

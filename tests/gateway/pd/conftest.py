@@ -82,6 +82,8 @@ class FakeServer:
     mode: str = "ok"
     prefill_delay_s: float = 0.02
     stream_chunks: int = 4
+    # Decode: how long the generation takes once the KV has arrived (before the first byte).
+    answer_delay_s: float = 0.0
     received: list[Received] = field(default_factory=list)
     cancelled_at: list[float] = field(default_factory=list)
     url: str = ""
@@ -207,6 +209,7 @@ class FakeServer:
             return web.json_response(
                 {"object": "error", "message": "decode exploded", "code": 500}, status=500
             )
+        await asyncio.sleep(self.answer_delay_s)
         return await self._answer(request, body, first_token=5)
 
     async def _answer(

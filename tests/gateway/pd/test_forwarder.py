@@ -298,3 +298,25 @@ async def test_client_going_away_closes_both_legs(pd_cluster: Any) -> None:
     await asyncio.sleep(0.2)
     assert len(cluster.prefill[0].cancelled_at) == 1
     assert len(cluster.decode[0].cancelled_at) == 1
+
+
+async def test_a_long_non_streamed_generation_is_not_cut_by_the_prefill_timeout(pd_cluster: Any) -> None:
+    cluster = await pd_cluster()
+    cluster.decode[0].answer_delay_s = 0.6
+    client = cluster.client()
+    assert await forward(cluster.make(PDSettings(prefill_timeout_s=0.3)), CHAT, CHAT_BODY, client)
+    assert client.status == 200
+
+
+async def test_a_stream_without_a_first_byte_after_the_prefill_answered_is_given_up(pd_cluster: Any) -> None:
+    cluster = await pd_cluster(prefill=1, decode=1)
+    cluster.decode[0].answer_delay_s = 30.0
+    settings = PDSettings(retries=0, first_byte_after_prefill_s=0.3)
+    began = time.perf_counter()
+    with pytest.raises(GatewayError) as raised:
+        await forward(cluster.make(settings), CHAT, {**CHAT_BODY, "stream": True}, cluster.client())
+    assert time.perf_counter() - began < 1.5
+    assert raised.value.status == 504
+    assert "decode server" in raised.value.message
+    await asyncio.sleep(0.1)
+    assert len(cluster.decode[0].cancelled_at) == 1
