@@ -1,0 +1,136 @@
+"""Gateways as deployed: replicas sharing Redis, several worker processes, and the demo command."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ChildProcess, find_free_port, wait_for_http
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def cluster_urls() -> Iterator[list[str]]:
+    process = ChildProcess(
+        [
+            sys.executable,
+            "-m",
+            "backends.sim",
+            "cluster",
+            "--servers",
+            "2",
+            "--dp-size",
+            "4",
+            "--preset",
+            "h200-dp8",
+            "--time-scale",
+            "0.01",
+            "--enable-cache-report",
+        ]
+    )
+    try:
+        match = process.wait_for_line(r"^CACHET-SIM-READY (.*)$", timeout=60)
+        yield [server["url"] for server in json.loads(match.group(1))["servers"]]
+    finally:
+        process.stop()
+
+
+def gateway(spawn: Callable[..., ChildProcess], urls: list[str], *args: str) -> str:
+    port = find_free_port()
+    workers = [arg for url in urls for arg in ("--worker", url)]
+    process = spawn(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            *workers,
+            *args,
+        ]
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(url + "/readiness", timeout=60, process=process)
+    return url
+
+
+def ask(url: str, system: str, question: str) -> tuple[str, str]:
+    reply = httpx.post(
+        url + "/v1/chat/completions",
+        json={
+            "model": "deepseek-ai/DeepSeek-V3",
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+            "max_tokens": 2,
+        },
+        timeout=30,
+    )
+    assert reply.status_code == 200, reply.text
+    return reply.headers["x-cachet-worker"], reply.headers["x-cachet-dp-rank"]
+
+
+def test_replicas_sharing_redis_send_a_prefix_where_another_replica_cached_it(
+    spawn: Callable[..., ChildProcess], redis_server: str, cluster_urls: list[str]
+) -> None:
+    first = gateway(spawn, cluster_urls, "--redis-url", redis_server)
+    second = gateway(spawn, cluster_urls, "--redis-url", redis_server)
+    for group in range(3):
+        system = f"Group {group}: you answer in the voice of a lighthouse keeper. " * 120
+        place = ask(first, system, "How is the sea?")
+        # A replica pulls the others' index updates on each Redis round trip (any request does one).
+        ask(second, f"Unrelated {group}.", "Hi?")
+        # The second replica has never seen this prefix itself; only Redis can tell it where it lives.
+        assert ask(second, system, "And the wind?") == place
+
+
+def test_several_processes_serve_one_port(
+    spawn: Callable[..., ChildProcess], redis_server: str, cluster_urls: list[str]
+) -> None:
+    url = gateway(spawn, cluster_urls, "--workers", "2", "--redis-url", redis_server)
+    with ThreadPoolExecutor(8) as pool:
+        places = list(pool.map(lambda i: ask(url, "Be brief.", f"Question {i}?"), range(32)))
+    assert len(places) == 32
+    assert {worker for worker, _ in places} <= set(cluster_urls)
+
+
+def test_demo_starts_serves_and_stops_cleanly(spawn: Callable[..., ChildProcess]) -> None:
+    demo = spawn([sys.executable, "-m", "gateway", "demo", "--port", "0"])
+    url = demo.wait_for_line(r"Cachet gateway ready at (http://\S+)", timeout=90).group(1)
+    servers = re.findall(r"(http://127\.0\.0\.1:\d+) \(dp 4\)", demo.wait_for_line(r"cluster: ").string)
+    assert len(servers) == 2
+    demo.wait_for_line(r"curl -si ")
+    demo.wait_for_line(r"from openai import OpenAI")
+    with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30) as client:
+        [model] = [m.id for m in client.models.list()]
+        text = "".join(
+            chunk.choices[0].delta.content or ""
+            for chunk in client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8, stream=True
+            )
+            if chunk.choices
+        )
+    assert text
+    demo.process.send_signal(signal.SIGTERM)
+    assert demo.process.wait(timeout=30) == 0
+    # The simulated cluster went with it.
+    deadline = time.monotonic() + 10
+    for server in servers:
+        while True:
+            try:
+                httpx.get(server + "/health", timeout=1)
+            except httpx.TransportError:
+                break
+            assert time.monotonic() < deadline, f"{server} still answers after the demo stopped"
+            time.sleep(0.1)
