@@ -460,11 +460,17 @@ class RankEngine:
 
     def _run_decode(self, events: list[Event]) -> float:
         per_req = self.perf.tokens_verified_per_step
-        while len(self._running) > 1 and not self._ensure_free(len(self._running) * per_req):
+
+        def slots_needed() -> int:
+            # MTP verifies up to 1 + draft tokens, but never more than a request may still generate.
+            return sum(min(per_req, r.max_new_tokens - len(r.output_ids)) for r in self._running.values())
+
+        while len(self._running) > 1 and not self._ensure_free(slots_needed()):
             self._retract_one()
-        if not self._ensure_free(per_req) and self._running:
-            # A lone request that cannot grow: SGLang's length caps make this unreachable; end it cleanly.
-            req = next(iter(self._running.values()))
+        if not self._ensure_free(slots_needed()):
+            # A lone request that cannot grow: SGLang's length caps (input + output < max_total_num_tokens)
+            # make this unreachable; end it cleanly rather than spin.
+            req = self._running.pop(next(iter(self._running)))
             self._finish(req, FinishReason("abort", message="KV cache is full", status_code=503), events)
             return 0.0
         batch = len(self._running)
@@ -475,7 +481,10 @@ class RankEngine:
         duration = self.perf.decode_time(batch, kv_tokens, self._others())
         generated = 0
         for req in list(self._running.values()):
-            accepted = self._text.accepted_tokens(req.stream, len(req.output_ids), self.perf)
+            accepted = min(
+                self._text.accepted_tokens(req.stream, len(req.output_ids), self.perf),
+                req.max_new_tokens - len(req.output_ids),
+            )
             tokens: list[int] = []
             previous = req.output_ids[-1] if req.output_ids else None
             for _ in range(accepted):

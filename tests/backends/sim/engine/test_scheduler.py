@@ -262,3 +262,19 @@ def test_dp_server_has_ranks_picked_round_robin() -> None:
         ServerEngine(EngineConfig(preset="h200-tp8", dp_size=3))
     with pytest.raises(ValueError, match="unknown preset"):
         ServerEngine(EngineConfig(preset="a100"))
+
+
+def test_a_lone_request_that_cannot_grow_is_ended_cleanly() -> None:
+    # Only reachable when the pool is smaller than SGLang's own length caps allow; the rank must not spin.
+    rank = make_rank(max_total_num_tokens=64, context_length=10_000)
+    rank.add(SimRequest("a", prompt(19, 40), 100, ignore_eos=True))
+    done = finished(drain(rank))["a"]
+    assert done.finish.type == "length"  # capped at max_req_len - input - 1, so it fits after all
+    assert done.completion_tokens == 64 - 1 - 40 - 1
+
+
+def test_mtp_near_a_full_pool_still_finishes_by_length() -> None:
+    rank = make_rank(mtp=True, max_total_num_tokens=64, context_length=10_000)
+    rank.add(SimRequest("a", prompt(20, 40), 100, ignore_eos=True))
+    done = finished(drain(rank))["a"]
+    assert done.finish.to_sglang() == {"type": "length", "length": 64 - 1 - 40 - 1}
