@@ -31,6 +31,17 @@ from loadtests.overhead.transports import machine
 from loadtests.peers import PeerSpec, free_port, run_peer
 
 TARGETS = ("direct", "gateway-1", "gateway-2", "sglang-router", "vllm-router")
+_GATEWAY_TARGET = re.compile(r"gateway-(\d+)(?:-(\w+))?")
+
+
+def parse_gateway_target(target: str) -> tuple[int, str | None]:
+    """``gateway-N`` or ``gateway-N-TRANSPORT`` -> (processes, transport or None for the default)."""
+    match = _GATEWAY_TARGET.fullmatch(target)
+    if match is None:
+        raise ValueError(f"bad gateway target {target!r}; use gateway-N or gateway-N-TRANSPORT")
+    return int(match[1]), match[2]
+
+
 PATH = "/v1/chat/completions"
 
 
@@ -91,7 +102,9 @@ async def run_wrk(
 
 
 @contextlib.asynccontextmanager
-async def run_gateway(upstream: str, processes: int, log_dir: str) -> AsyncIterator[str]:
+async def run_gateway(
+    upstream: str, processes: int, log_dir: str, transport: str | None = None
+) -> AsyncIterator[str]:
     port = free_port()
     cmd = [
         sys.executable,
@@ -111,6 +124,8 @@ async def run_gateway(upstream: str, processes: int, log_dir: str) -> AsyncItera
         "--log-level",
         "warning",
     ]
+    if transport is not None:
+        cmd += ["--transport", transport]
     log_path = os.path.join(log_dir, f"gateway-{processes}-{port}.log")
     with open(log_path, "wb") as log:  # noqa: ASYNC230 - a local log file
         proc = await asyncio.create_subprocess_exec(*cmd, stdout=log, stderr=asyncio.subprocess.STDOUT)
@@ -156,8 +171,10 @@ async def _bench(args: argparse.Namespace) -> None:
             if target == "direct":
                 urls[target] = upstream
             elif target.startswith("gateway-"):
-                processes = int(target.split("-")[1])
-                urls[target] = await stack.enter_async_context(run_gateway(upstream, processes, log_dir))
+                processes, transport = parse_gateway_target(target)
+                urls[target] = await stack.enter_async_context(
+                    run_gateway(upstream, processes, log_dir, transport)
+                )
             else:
                 spec = PeerSpec(kind=target, worker_urls=(upstream,), policy="round_robin")
                 peer = await stack.enter_async_context(run_peer(spec, log_dir))
@@ -219,8 +236,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--chunks", type=int, default=16)
-    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
-    asyncio.run(_bench(parser.parse_args()))
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=list(TARGETS),
+        help="direct, gateway-N[-TRANSPORT] (N processes, e.g. gateway-2-httptools), sglang-router, "
+        "vllm-router",
+    )
+    args = parser.parse_args()
+    for target in args.targets:
+        if target not in ("direct", "sglang-router", "vllm-router"):
+            parse_gateway_target(target)
+    asyncio.run(_bench(args))
 
 
 if __name__ == "__main__":
