@@ -141,9 +141,10 @@ class NearBestPicker:
 
     name = "near-best"
 
-    def __init__(self, *, rel_tol: float = 0.05, abs_tol_s: float = 0.002) -> None:
+    def __init__(self, *, rel_tol: float = 0.05, abs_tol_s: float = 0.002, fallbacks: int = 8) -> None:
         self.rel_tol = rel_tol
         self.abs_tol_s = abs_tol_s
+        self.fallbacks = fallbacks
 
     def pick(self, snapshot: Snapshot, scored: Sequence[tuple[float, int]], rng: random.Random) -> Pick:
         ranked = sorted(scored)
@@ -157,10 +158,14 @@ class NearBestPicker:
             lightest = min(targets[i].inflight_requests for i in finalists)
             finalists = [i for i in finalists if targets[i].inflight_requests == lightest]
         chosen = finalists[0] if len(finalists) == 1 else finalists[rng.randrange(len(finalists))]
-        # Fallbacks: the other ties, deepest cache first and otherwise in random order — were they
-        # in index order, every gateway whose pick was taken would fall onto the same next target.
+        # Fallbacks: a random sample of the other ties (deepest cache first), then the next best —
+        # were ties in index order, every gateway whose pick was taken would fall onto one target.
         others = [i for i in near if i != chosen]
-        rng.shuffle(others)
+        if len(others) > self.fallbacks:
+            others = rng.sample(others, self.fallbacks)
+        else:
+            rng.shuffle(others)
         others.sort(key=lambda i: -targets[i].predicted_cached_tokens)
-        others.extend(index for _, index in ranked[len(near) :])
+        if len(others) < self.fallbacks:
+            others.extend(index for _, index in ranked[len(near) : len(near) + self.fallbacks - len(others)])
         return Pick(chosen, ranked, len(near), others)

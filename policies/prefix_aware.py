@@ -24,8 +24,6 @@ from policies.types import Decision, NoTarget, RequestFeatures, Snapshot
 
 __all__ = ["PrefixAware"]
 
-_ALTERNATIVES = 8
-
 
 class PrefixAware:
     name = "prefix_aware"
@@ -62,7 +60,7 @@ class PrefixAware:
             reason=_reason(features, chosen.predicted_cached_tokens, best_s, runner_up, pick.near),
             predicted_cached_tokens=min(chosen.predicted_cached_tokens, features.prompt_tokens),
             predicted_ttft_s=best_s,
-            alternatives=tuple(targets[i].key for i in pick.alternatives[:_ALTERNATIVES]),
+            alternatives=tuple(targets[i].key for i in pick.alternatives),
         )
 
 

@@ -11,7 +11,9 @@ same prompt families and reports percentiles of:
 - hash: canonicalising and block-hashing the prompt;
 - decide: the policy's decide() alone;
 - route: all of Router.route() (hash, prefix match, snapshot, decide, reserve, receipt);
+- reserve: the store's reserve (check-and-add the lease, record the prompt's blocks on the target);
 - route_minus_hash: route's CPU time less the hashing CPU time measured on the same request;
+- decision: route less hashing less reserve: prefix match, snapshot, policy, receipt;
 - finish: Router.finish() (release and index correction).
 
 Each as this thread's CPU time and as wall time (see _Timer).
@@ -122,6 +124,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         RedisStore(args.redis_url, op_timeout_s=1.0) if args.redis_url else MemoryStore(lease_ttl_s=3600)
     )
     policy = _TimedPolicy(get_policy(args.policy))
+    reserving = _Timer()
+    reserve = store.reserve
+
+    async def timed_reserve(*a: Any, **k: Any) -> Any:
+        reserving.start()
+        try:
+            return await reserve(*a, **k)
+        finally:
+            reserving.stop()
+
+    store.reserve = timed_reserve  # type: ignore[method-assign]
     router: Router[StaticWorker] = Router(registry, store, policy, seed=args.seed)
     await router.start()
 
@@ -153,6 +166,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     hashing, routing, finishing = _Timer(), _Timer(), _Timer()
     hits = 0
     policy.timer = _Timer()
+    reserving.cpu.clear()
+    reserving.wall.clear()
     reqs = [request() for _ in range(args.requests)]
     gc.collect()
     gc.freeze()
@@ -188,7 +203,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "hash": hashing.report(),
         "decide": policy.timer.report(),
         "route": routing.report(),
+        "reserve": reserving.report(),
         "route_minus_hash_cpu": _percentiles([r - h for r, h in zip(routing.cpu, hashing.cpu, strict=True)]),
+        "decision_cpu": _percentiles(
+            [r - h - v for r, h, v in zip(routing.cpu, hashing.cpu, reserving.cpu, strict=True)]
+        ),
         "finish": finishing.report(),
     }
 
