@@ -81,12 +81,8 @@ class ServerEngine:
             if config.chunked_prefill_size is not None
             else preset.chunked_prefill_size
         )
-        if (
-            chunk is not None
-            and chunk > 0
-            and self.enable_dp_attention
-            and config.chunked_prefill_size is None
-        ):
+        if chunk is not None and chunk > 0 and self.enable_dp_attention:
+            # SGLang divides the (server-wide) chunk by dp_size under DP attention, given or defaulted alike.
             chunk = max(self.page_size, chunk // dp_size)
         if chunk is not None and chunk <= 0:
             chunk = None  # SGLang: -1 disables chunked prefill

@@ -278,3 +278,15 @@ def test_mtp_near_a_full_pool_still_finishes_by_length() -> None:
     rank.add(SimRequest("a", prompt(20, 40), 100, ignore_eos=True))
     done = finished(drain(rank))["a"]
     assert done.finish.to_sglang() == {"type": "length", "length": 64 - 1 - 40 - 1}
+
+
+def test_dp_attention_divides_the_chunk_like_sglang() -> None:
+    assert ServerEngine(EngineConfig(preset="h200-dp8")).chunked_prefill_size == 1024
+    assert (
+        ServerEngine(EngineConfig(preset="h200-dp8", chunked_prefill_size=16384)).chunked_prefill_size == 2048
+    )
+    assert (
+        ServerEngine(EngineConfig(preset="h200-tp8", chunked_prefill_size=16384)).chunked_prefill_size
+        == 16384
+    )
+    assert ServerEngine(EngineConfig(preset="h200-tp8", chunked_prefill_size=-1)).chunked_prefill_size is None
