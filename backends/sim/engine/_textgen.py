@@ -8,7 +8,9 @@ periods; unless ``ignore_eos``, the model ends with a period and EOS at a prompt
 
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -43,8 +45,14 @@ class TextGenerator:
         self.eos_token_id = EOS_TOKEN_ID
 
     def stream_key(self, input_ids: Sequence[int]) -> int:
-        """Key of one prompt's output stream (hash of the whole prompt; ints hash alike in every run)."""
-        return mix64(self._seed ^ (hash(tuple(input_ids)) & _MASK))
+        """Key of one prompt's output stream: a BLAKE2b digest of the whole prompt, so it is the same in every
+        process, Python version and platform (a PD prefill and decode server must agree on it)."""
+        try:
+            data = array("q", input_ids).tobytes()
+        except (OverflowError, TypeError):
+            data = repr(list(input_ids)).encode()
+        digest = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+        return mix64(self._seed ^ digest)
 
     def natural_length(self, stream: int) -> int:
         """Tokens the model would generate before EOS: exponential with mean ~400, at least 16."""
