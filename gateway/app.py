@@ -24,9 +24,10 @@ from litestar import Litestar
 from gateway.config import GatewayConfig
 from gateway.http import GatewayASGI, Proxy, ProxySettings, RouterLike, build_litestar
 from gateway.registry import Worker, WorkerRegistry, WorkerSpec
-from gateway.routing import make_router
+from gateway.routing import Router, make_router, make_store
 from gateway.telemetry import Telemetry
 from gateway.upstream import DEFAULT_TRANSPORT, Transport, make_transport
+from policies import get_policy
 from policies.types import Role
 
 __all__ = ["RESOLVED_CONFIG_ENV", "Gateway", "RegistryAPI", "app_from_environment", "create_app"]
@@ -34,6 +35,7 @@ __all__ = ["RESOLVED_CONFIG_ENV", "Gateway", "RegistryAPI", "app_from_environmen
 logger = logging.getLogger("cachet.gateway")
 
 RESOLVED_CONFIG_ENV = "CACHET_RESOLVED_CONFIG"
+_DECODE_POLICY = "least_load"
 
 
 class RegistryAPI(Protocol):
@@ -71,8 +73,10 @@ class Gateway:
         registry: RegistryAPI,
         router: RouterLike,
         telemetry: Telemetry | None = None,
+        pd_routers: tuple[RouterLike, RouterLike] | None = None,
     ) -> None:
         self.config = config
+        self.pd_routers = pd_routers
         self.transport = transport
         self.registry = registry
         self.router = router
@@ -100,12 +104,31 @@ class Gateway:
             load_interval_s=config.load_interval_s,
         )
         router = make_router(config.policy, registry, redis_url=config.redis_url, seed=config.seed)
+        # PD pools: prefill placement is where the prefix cache lives (the configured policy);
+        # decode servers keep no radix cache by default, so they are chosen by load alone.
+        pd_routers: tuple[RouterLike, RouterLike] = (
+            Router(
+                registry,
+                make_store(config.redis_url),
+                get_policy(config.policy),
+                seed=config.seed,
+                role=Role.PREFILL,
+            ),
+            Router(
+                registry,
+                make_store(config.redis_url),
+                get_policy(_DECODE_POLICY),
+                seed=config.seed,
+                role=Role.DECODE,
+            ),
+        )
         return cls(
             config,
             transport=transport,
             registry=registry,
             router=router,
             telemetry=Telemetry(otlp_endpoint=config.otlp_endpoint),
+            pd_routers=pd_routers,
         )
 
     def expected_models(self) -> list[str]:
@@ -123,11 +146,15 @@ class Gateway:
         undiscovered = [w for w in self.registry.workers(healthy_only=False) if not w.discovered]
         return ready and not (undiscovered and not self.config.models), healthy
 
+    def _routers(self) -> list[RouterLike]:
+        return [self.router, *(self.pd_routers or ())]
+
     async def start(self) -> None:
         await self.registry.start()
-        router_start: Callable[[], Any] | None = getattr(self.router, "start", None)
-        if router_start is not None:
-            await router_start()
+        for router in self._routers():
+            router_start: Callable[[], Any] | None = getattr(router, "start", None)
+            if router_start is not None:
+                await router_start()
         logger.info(
             "gateway ready to route: %d worker(s), models %s, policy %s, state %s",
             len(self.registry.workers(healthy_only=False)),
@@ -141,9 +168,10 @@ class Gateway:
             await self.registry.stop()
         finally:
             try:
-                router_close: Callable[[], Any] | None = getattr(self.router, "aclose", None)
-                if router_close is not None:
-                    await router_close()
+                for router in self._routers():
+                    router_close: Callable[[], Any] | None = getattr(router, "aclose", None)
+                    if router_close is not None:
+                        await router_close()
             finally:
                 await self.transport.aclose()
                 self.telemetry.shutdown()
@@ -171,6 +199,8 @@ def create_app(gateway: Gateway) -> GatewayASGI:
             max_body_bytes=config.max_body_bytes, retries=config.retries, retry_after_s=config.retry_after_s
         ),
         on_connect_failure=report_failure,
+        pd_routers=gateway.pd_routers,
+        seed=config.seed,
     )
     return GatewayASGI(proxy, build_litestar(gateway, lifespan=lifespan))
 

@@ -22,7 +22,9 @@ from gateway.routing import RoutingRequest
 
 __all__ = ["Endpoint", "decode_view"]
 
-_PATH_IN_ERROR = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)|missing required field `([A-Za-z_][A-Za-z0-9_]*)`")
+_PATH_IN_ERROR = re.compile(
+    r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)|missing required field `([A-Za-z_][A-Za-z0-9_]*)`"
+)
 
 
 class _Sampling(msgspec.Struct):

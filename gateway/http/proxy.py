@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -27,7 +28,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from backends.sglang import shape_request
+from backends.sglang import bootstrap_for, shape_pd_requests, shape_request
 from gateway.errors import (
     GatewayError,
     internal_error,
@@ -124,13 +125,15 @@ class _UpstreamFailed(Exception):
         self.status = status
 
 
-def _response_headers(response: UpstreamResponse, route: Route[Any]) -> list[tuple[bytes, bytes]]:
+def _response_headers(
+    response: UpstreamResponse, receipt: list[tuple[str, str]]
+) -> list[tuple[bytes, bytes]]:
     raw = [
         (name.lower().encode("latin-1"), value.encode("latin-1"))
         for name, value in response.headers
         if name.lower() not in _DROPPED_RESPONSE_HEADERS
     ]
-    raw.extend(encode_headers(route.receipt_headers))
+    raw.extend(encode_headers(receipt))
     return raw
 
 
@@ -154,10 +157,15 @@ class Proxy:
         settings: ProxySettings | None = None,
         clock: Callable[[], float] = time.perf_counter,
         on_connect_failure: Callable[[str], None] | None = None,
+        pd_routers: tuple[RouterLike, RouterLike] | None = None,
+        seed: int | None = None,
     ) -> None:
         """``on_connect_failure(url)`` hears of every server that could not be reached (the
-        registry counts it toward taking the server out before its next health check)."""
+        registry counts it toward taking the server out before its next health check).
+        ``pd_routers`` = (prefill router, decode router) serve a model that has no regular server."""
         self._on_connect_failure = on_connect_failure
+        self._pd_routers = pd_routers
+        self._rng = random.Random(seed)
         self._router = router
         self._transport = transport
         self._models = models
@@ -268,6 +276,19 @@ class Proxy:
                 except NoHealthyWorker:
                     if failure is not None:
                         break
+                    if self._pd_routers is not None:
+                        # No regular server: a disaggregated prefill/decode pool may serve the model.
+                        await self._pd_exchange(
+                            endpoint=endpoint,
+                            request=request,
+                            body=body,
+                            headers=headers,
+                            batch=batch,
+                            send=send,
+                            exchange=exchange,
+                            span=span,
+                        )
+                        return
                     raise no_healthy_worker(request.model, self._settings.retry_after_s) from None
                 span.set(
                     worker=route.worker.url,
@@ -346,11 +367,23 @@ class Proxy:
                 raise _UpstreamFailed(f"{worker.url} answered {status}: {detail}", status=status)
             if status >= 400 or not _is_event_stream(response):
                 outcome = await self._forward_whole(
-                    response=response, route=route, send=send, exchange=exchange, began=began, span=span
+                    response=response,
+                    worker_url=worker.url,
+                    receipt=route.receipt_headers,
+                    send=send,
+                    exchange=exchange,
+                    began=began,
+                    span=span,
                 )
             else:
                 outcome = await self._forward_stream(
-                    response=response, route=route, send=send, exchange=exchange, began=began, span=span
+                    response=response,
+                    worker_url=worker.url,
+                    receipt=route.receipt_headers,
+                    send=send,
+                    exchange=exchange,
+                    began=began,
+                    span=span,
                 )
         finally:
             if response is not None:
@@ -360,11 +393,151 @@ class Proxy:
             except Exception:
                 logger.exception("router.finish failed for %s", worker.url)
 
+    async def _pd_exchange(
+        self,
+        *,
+        endpoint: Endpoint,
+        request: RoutingRequest,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        batch: bool,
+        send: Send,
+        exchange: _Exchange,
+        span: RequestSpan,
+    ) -> None:
+        """One prefill/decode exchange: the same body to both, paired by bootstrap fields; the
+        decode's response is the client's. Not retried: a failure is answered with a 502."""
+        assert self._pd_routers is not None
+        prefill_router, decode_router = self._pd_routers
+        try:
+            prefill = await prefill_router.route(request)
+        except NoHealthyWorker:
+            raise no_healthy_worker(request.model, self._settings.retry_after_s) from None
+        prefill_outcome = Outcome(ok=False)
+        decode_outcome = Outcome(ok=False)
+        decode: Route[Any] | None = None
+        pending: list[asyncio.Task[UpstreamResponse]] = []
+        responses: list[UpstreamResponse] = []
+        began = self._clock()
+        try:
+            try:
+                decode = await decode_router.route(request)
+            except NoHealthyWorker:
+                raise no_healthy_worker(request.model, self._settings.retry_after_s) from None
+            span.set(worker=decode.worker.url, dp_rank=decode.dp_rank, prefill_worker=prefill.worker.url)
+            source = request.input_ids if request.input_ids is not None else request.text
+            bootstrap = bootstrap_for(
+                prefill.worker,
+                self._rng,
+                batch_size=len(source) if batch and isinstance(source, list) else None,
+            )
+            shaped = shape_pd_requests(
+                endpoint=endpoint.name,
+                body=body,
+                headers=headers,
+                bootstrap=bootstrap,
+                prefill=prefill.worker,
+                prefill_dp_rank=None if batch else prefill.dp_rank,
+                decode=decode.worker,
+                decode_dp_rank=None if batch else decode.dp_rank,
+                batch=batch,
+            )
+            loop = asyncio.get_running_loop()
+            prefill_url = prefill.worker.url.rstrip("/") + endpoint.path
+            decode_url = decode.worker.url.rstrip("/") + endpoint.path
+            prefill_task = loop.create_task(
+                self._transport.send(
+                    UpstreamRequest("POST", prefill_url, shaped.prefill_headers, shaped.prefill_body)
+                )
+            )
+            decode_task = loop.create_task(
+                self._transport.send(
+                    UpstreamRequest("POST", decode_url, shaped.decode_headers, shaped.decode_body)
+                )
+            )
+            pending = [prefill_task, decode_task]
+            try:
+                prefill_response = await prefill_task
+                responses.append(prefill_response)
+                prefill_body = await prefill_response.aread()
+            except UpstreamError as exc:
+                raise upstream_failed(
+                    f"prefill server {prefill.worker.url} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+            if prefill_response.status >= 400:
+                detail = prefill_body[:300].decode("utf-8", "replace")
+                if prefill_response.status < 500:
+                    raise GatewayError(
+                        prefill_response.status, detail, "invalid_request_error", code=prefill_response.status
+                    )
+                raise upstream_failed(
+                    f"prefill server {prefill.worker.url} answered {prefill_response.status}: {detail}"
+                )
+            usage = usage_from_body(prefill_body)
+            prefill_outcome = Outcome(
+                ok=True,
+                prompt_tokens=usage.prompt_tokens,
+                cached_tokens=usage.cached_tokens,
+                e2e_s=self._clock() - began,
+            )
+            try:
+                decode_response = await decode_task
+            except UpstreamError as exc:
+                raise upstream_failed(
+                    f"decode server {decode.worker.url} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+            responses.append(decode_response)
+            receipt = [
+                *decode.receipt_headers,
+                ("x-cachet-prefill-worker", prefill.worker.url),
+                ("x-cachet-prefill-dp-rank", str(prefill.decision.target.dp_rank)),
+                ("x-cachet-prefill-cached-tokens", str(prefill.decision.predicted_cached_tokens)),
+            ]
+            try:
+                if decode_response.status >= 400 or not _is_event_stream(decode_response):
+                    decode_outcome = await self._forward_whole(
+                        response=decode_response,
+                        worker_url=decode.worker.url,
+                        receipt=receipt,
+                        send=send,
+                        exchange=exchange,
+                        began=began,
+                        span=span,
+                    )
+                else:
+                    decode_outcome = await self._forward_stream(
+                        response=decode_response,
+                        worker_url=decode.worker.url,
+                        receipt=receipt,
+                        send=send,
+                        exchange=exchange,
+                        began=began,
+                        span=span,
+                    )
+            except _UpstreamFailed as exc:
+                raise upstream_failed(str(exc), timeout=exc.timeout) from exc
+        finally:
+            for task in pending:
+                if not task.done():
+                    task.cancel()
+                elif not task.cancelled() and task.exception() is None and task.result() not in responses:
+                    responses.append(task.result())
+            for response in responses:
+                await response.aclose()
+            for route, outcome in ((prefill, prefill_outcome), (decode, decode_outcome)):
+                if route is None:
+                    continue
+                try:
+                    await (prefill_router if route is prefill else decode_router).finish(route, outcome)
+                except Exception:
+                    logger.exception("router.finish failed for %s", route.worker.url)
+
     async def _forward_whole(
         self,
         *,
         response: UpstreamResponse,
-        route: Route[Any],
+        worker_url: str,
+        receipt: list[tuple[str, str]],
         send: Send,
         exchange: _Exchange,
         began: float,
@@ -376,12 +549,12 @@ class Proxy:
             # The whole body is buffered, so the client has still seen nothing: fail cleanly.
             raise GatewayError(
                 504 if isinstance(exc, UpstreamTimeout) else 502,
-                f"{route.worker.url} failed while sending its response: {type(exc).__name__}: {exc}",
+                f"{worker_url} failed while sending its response: {type(exc).__name__}: {exc}",
                 "server_error",
                 code="upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_unavailable",
             ) from exc
         status = response.status
-        raw = _response_headers(response, route)
+        raw = _response_headers(response, receipt)
         raw.append((b"content-length", str(len(data)).encode()))
         exchange.started = True
         exchange.completing = True
@@ -396,7 +569,8 @@ class Proxy:
         self,
         *,
         response: UpstreamResponse,
-        route: Route[Any],
+        worker_url: str,
+        receipt: list[tuple[str, str]],
         send: Send,
         exchange: _Exchange,
         began: float,
@@ -409,7 +583,7 @@ class Proxy:
             first = await anext(chunks, b"")
         except UpstreamError as exc:
             raise _UpstreamFailed(
-                f"{route.worker.url} failed before its first byte: {type(exc).__name__}: {exc}",
+                f"{worker_url} failed before its first byte: {type(exc).__name__}: {exc}",
                 timeout=isinstance(exc, UpstreamTimeout),
             ) from exc
         ttft = self._clock() - began
@@ -419,7 +593,7 @@ class Proxy:
             {
                 "type": "http.response.start",
                 "status": response.status,
-                "headers": _response_headers(response, route),
+                "headers": _response_headers(response, receipt),
             }
         )
         tail: deque[bytes] = deque((first,), maxlen=_TAIL_CHUNKS)
@@ -430,7 +604,7 @@ class Proxy:
                     tail.append(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamError as exc:
-            logger.warning("upstream %s failed mid-stream: %s", route.worker.url, exc)
+            logger.warning("upstream %s failed mid-stream: %s", worker_url, exc)
             exchange.completing = True
             await send(
                 {
