@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Literal
 
 import msgspec
@@ -29,38 +31,40 @@ class Preset(msgspec.Struct, frozen=True):
     max_prefill_tokens: int = 16384
 
 
-PRESETS: dict[str, Preset] = {
-    "h200-tp8": Preset(
-        name="h200-tp8",
-        description="8x H200 (141 GB) in one node, TP8",
-        gpu=H200,
-        num_gpus=8,
-        gpus_per_node=8,
-        tp_size=8,
-        dp_size=1,
-        rtt_ms=0.0,
-    ),
-    "h200-dp8": Preset(
-        name="h200-dp8",
-        description="8x H200 (141 GB) in one node, TP8 with DP attention (dp 8)",
-        gpu=H200,
-        num_gpus=8,
-        gpus_per_node=8,
-        tp_size=8,
-        dp_size=8,
-        rtt_ms=0.0,
-    ),
-    "h20-tp16": Preset(
-        name="h20-tp16",
-        description="16x H20 (96 GB) over two nodes, TP16",
-        gpu=H20,
-        num_gpus=16,
-        gpus_per_node=8,
-        tp_size=16,
-        dp_size=1,
-        rtt_ms=0.193,
-    ),
-}
+PRESETS: Mapping[str, Preset] = MappingProxyType(
+    {
+        "h200-tp8": Preset(
+            name="h200-tp8",
+            description="8x H200 (141 GB) in one node, TP8",
+            gpu=H200,
+            num_gpus=8,
+            gpus_per_node=8,
+            tp_size=8,
+            dp_size=1,
+            rtt_ms=0.0,
+        ),
+        "h200-dp8": Preset(
+            name="h200-dp8",
+            description="8x H200 (141 GB) in one node, TP8 with DP attention (dp 8)",
+            gpu=H200,
+            num_gpus=8,
+            gpus_per_node=8,
+            tp_size=8,
+            dp_size=8,
+            rtt_ms=0.0,
+        ),
+        "h20-tp16": Preset(
+            name="h20-tp16",
+            description="16x H20 (96 GB) over two nodes, TP16",
+            gpu=H20,
+            num_gpus=16,
+            gpus_per_node=8,
+            tp_size=16,
+            dp_size=1,
+            rtt_ms=0.193,
+        ),
+    }
+)
 
 
 class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -22,7 +22,8 @@ one).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 
 from backends.sim.engine._words import COMMON_WORDS, MORE_WORDS, WORD_PIECES
 
@@ -37,28 +38,30 @@ ASSISTANT_TOKEN = "<｜Assistant｜>"
 BOS_TOKEN_ID = 0
 EOS_TOKEN_ID = 1
 
-SPECIAL_TOKENS: dict[str, int] = {
-    BOS_TOKEN: 0,
-    EOS_TOKEN: 1,
-    PAD_TOKEN: 2,
-    "<think>": 128798,
-    "</think>": 128799,
-    "<｜fim▁hole｜>": 128800,
-    "<｜fim▁begin｜>": 128801,
-    "<｜fim▁end｜>": 128802,
-    USER_TOKEN: 128803,
-    ASSISTANT_TOKEN: 128804,
-    "<|EOT|>": 128805,
-    "<｜tool▁calls▁begin｜>": 128806,
-    "<｜tool▁calls▁end｜>": 128807,
-    "<｜tool▁call▁begin｜>": 128808,
-    "<｜tool▁call▁end｜>": 128809,
-    "<｜tool▁outputs▁begin｜>": 128810,
-    "<｜tool▁outputs▁end｜>": 128811,
-    "<｜tool▁output▁begin｜>": 128812,
-    "<｜tool▁output▁end｜>": 128813,
-    "<｜tool▁sep｜>": 128814,
-}
+SPECIAL_TOKENS: Mapping[str, int] = MappingProxyType(
+    {
+        BOS_TOKEN: 0,
+        EOS_TOKEN: 1,
+        PAD_TOKEN: 2,
+        "<think>": 128798,
+        "</think>": 128799,
+        "<｜fim▁hole｜>": 128800,
+        "<｜fim▁begin｜>": 128801,
+        "<｜fim▁end｜>": 128802,
+        USER_TOKEN: 128803,
+        ASSISTANT_TOKEN: 128804,
+        "<|EOT|>": 128805,
+        "<｜tool▁calls▁begin｜>": 128806,
+        "<｜tool▁calls▁end｜>": 128807,
+        "<｜tool▁call▁begin｜>": 128808,
+        "<｜tool▁call▁end｜>": 128809,
+        "<｜tool▁outputs▁begin｜>": 128810,
+        "<｜tool▁outputs▁end｜>": 128811,
+        "<｜tool▁output▁begin｜>": 128812,
+        "<｜tool▁output▁end｜>": 128813,
+        "<｜tool▁sep｜>": 128814,
+    }
+)
 
 _BYTE_BASE = 3
 _PIECE_BASE = _BYTE_BASE + 256
