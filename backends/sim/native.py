@@ -20,6 +20,7 @@ from backends.sim.errors import (
     stream_error_payload,
     validation_body,
 )
+from backends.sim.logprobs import LogprobRequest, input_logprobs, output_logprobs
 from backends.sim.params import parse_sampling
 from backends.sim.runtime import Bootstrap, GenerationInput, Progress, RequestError, Runtime
 from backends.sim.session import CutConnection, Exchange, merge_generations
@@ -234,9 +235,18 @@ class _Output:
     sent_text: int = 0
     chunks: int = 0
     last: Progress | None = None
+    input_ids: list[int] = field(default_factory=list)
+    logprobs: LogprobRequest | None = None
+    sent_logprobs: int = 0
+    decode_steps: int = 0
 
     def add(self, p: Progress) -> None:
+        if p.new_ids:
+            self.decode_steps += 1
         self.ids.extend(p.new_ids)
+        if p.rollback:
+            self.text = self.text[: len(self.text) - p.rollback]
+            self.sent_text = min(self.sent_text, len(self.text))
         self.text += p.new_text
         self.last = p
 
@@ -249,6 +259,7 @@ class GenerateHandler:
         self._extended = runtime.version.extended_meta_info
         self._dp_reported = runtime.dp_size > 1
         self._structured_errors = runtime.version.structured_stream_errors
+        self._speculative = runtime.settings.mtp
 
     def meta_info(self, out: _Output, p: Progress, stamp: bool) -> dict[str, Any]:
         finish = p.finish.to_sglang() if p.finish is not None else None
@@ -268,16 +279,44 @@ class GenerateHandler:
             "prompt_tokens": p.prompt_tokens,
             "weight_version": "default",
             "num_retractions": 0,
-            "reasoning_tokens": 0,
-            "completion_tokens": p.completion_tokens,
-            "cached_tokens": p.cached_tokens,
-            "cached_tokens_details": None,
-            "dp_rank": p.dp_rank if self._dp_reported else None,
-            "e2e_latency": elapsed,
         }
+        if out.logprobs is not None:
+            self._add_logprobs(meta, out)
+        if self._speculative:
+            meta["spec_verify_ct"] = max(out.decode_steps - 1, 0)
+        meta.update(
+            {
+                "reasoning_tokens": 0,
+                "completion_tokens": p.completion_tokens,
+                "cached_tokens": p.cached_tokens,
+                "cached_tokens_details": None,
+                "dp_rank": p.dp_rank if self._dp_reported else None,
+                "e2e_latency": elapsed,
+            }
+        )
         if stamp:
             meta["response_sent_to_client_ts"] = time.time()
         return meta
+
+    def _add_logprobs(self, meta: dict[str, Any], out: _Output) -> None:
+        req = out.logprobs
+        assert req is not None
+        tok = self.runtime.tokenizer
+        first = out.sent_logprobs if self._incremental else 0
+        if not self._incremental or out.chunks == 0:
+            if self.runtime.settings.disaggregation_mode == "decode":
+                # A PD decode never computes prompt logprobs: the router merges the prefill's.
+                meta["input_token_logprobs"] = []
+                if req.top_n > 0:
+                    meta["input_top_logprobs"] = []
+            else:
+                meta.update(input_logprobs(tok, out.input_ids, req))
+        else:
+            meta["input_token_logprobs"] = []
+            if req.top_n > 0:
+                meta["input_top_logprobs"] = []
+        meta.update(output_logprobs(tok, len(out.input_ids), out.ids, first, req))
+        out.sent_logprobs = len(out.ids)
 
     async def __call__(self, req: HttpRequest) -> None:
         runtime = self.runtime
@@ -308,7 +347,10 @@ class GenerateHandler:
             return
         exchange.track(items)
         started = time.perf_counter()
-        outs = [_Output(item.rid, i, started) for i, item in enumerate(items)]
+        outs = [
+            _Output(item.rid, i, started, input_ids=item.input_ids, logprobs=spec)
+            for i, (item, spec) in enumerate(zip(items, logprob_requests(parsed, items), strict=True))
+        ]
         try:
             await asyncio.gather(*(self._collect(item, out) for item, out in zip(items, outs, strict=True)))
         except RequestError as exc:
@@ -354,7 +396,10 @@ class GenerateHandler:
             return
         exchange.track(items)
         started = time.perf_counter()
-        outs = [_Output(item.rid, i, started) for i, item in enumerate(items)]
+        outs = [
+            _Output(item.rid, i, started, input_ids=item.input_ids, logprobs=spec)
+            for i, (item, spec) in enumerate(zip(items, logprob_requests(parsed, items), strict=True))
+        ]
         interval = parsed_interval(parsed, runtime.settings.stream_interval)
         try:
             if runtime.roll_error():
@@ -407,3 +452,40 @@ def parsed_interval(parsed: GenerateRequest, default: int) -> int:
     params = sp[0] if isinstance(sp, list) and sp else sp
     value = params.get("stream_interval") if isinstance(params, dict) else None
     return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+
+
+def logprob_requests(parsed: GenerateRequest, items: list[GenerationInput]) -> list[LogprobRequest | None]:
+    """Per sequence: what return_logprob / logprob_start_len / top_logprobs_num ask (scalar or per prompt)."""
+    raw = parsed.raw
+    per_prompt = max(len(items) // max(_prompt_count(parsed), 1), 1)
+    out: list[LogprobRequest | None] = []
+    for i in range(len(items)):
+        p = i // per_prompt
+        wanted = _nth(raw.get("return_logprob"), p)
+        if wanted is not True:
+            out.append(None)
+            continue
+        start = _nth(raw.get("logprob_start_len"), p)
+        top = _nth(raw.get("top_logprobs_num"), p)
+        out.append(
+            LogprobRequest(
+                start_len=start if _is_int(start) else -1,
+                top_n=min(top, 20) if _is_int(top) and top > 0 else 0,
+                with_text=raw.get("return_text_in_logprobs") is True,
+            )
+        )
+    return out
+
+
+def _prompt_count(parsed: GenerateRequest) -> int:
+    if isinstance(parsed.text, list):
+        return len(parsed.text)
+    if parsed.input_ids and isinstance(parsed.input_ids[0], list):
+        return len(parsed.input_ids)
+    return 1
+
+
+def _nth(value: Any, i: int) -> Any:
+    if isinstance(value, list):
+        return value[i] if i < len(value) else None
+    return value

@@ -573,6 +573,8 @@ class _Seq:
         self.prefix_sent = False
 
     def add(self, p: Progress) -> None:
+        if p.rollback:
+            self.text = self.text[: len(self.text) - p.rollback]
         self.text += p.new_text
         self.prompt_tokens = p.prompt_tokens
         self.cached_tokens = p.cached_tokens

@@ -70,6 +70,8 @@ class Progress:
     completion_tokens: int
     dp_rank: int
     finish: FinishReason | None = None
+    # A stop string that straddles chunks: this many characters of text already handed out must go.
+    rollback: int = 0
 
 
 @dataclass(slots=True)
@@ -305,6 +307,7 @@ class Runtime:
                     if prefilled is None and (event.cached_tokens or finish.type != "abort"):
                         cached_tokens = event.cached_tokens
             new_text = self.tokenizer.decode(new_ids) if new_ids else ""
+            rollback = 0
             if stop_strs and new_text and (finish is None or finish.type != "abort"):
                 combined = text_so_far + new_text
                 hit = _find_stop(combined, stop_strs, len(text_so_far))
@@ -312,6 +315,8 @@ class Runtime:
                     pos, matched = hit
                     end = pos + (len(matched) if item.no_stop_trim else 0)
                     new_text = combined[len(text_so_far) : end] if end > len(text_so_far) else ""
+                    rollback = max(len(text_so_far) - end, 0)
+                    text_so_far = text_so_far[: len(text_so_far) - rollback]
                     tracking.driver.abort(item.rid)
                     finish = FinishReason(type="stop", matched=matched)
             if new_ids:
@@ -331,7 +336,7 @@ class Runtime:
                 # SGLang's prefill answers only once the KV has been handed over.
                 self._pd_publish(item, finish, new_ids, prompt_tokens, cached_tokens)
             yield Progress(
-                new_ids, new_text, prompt_tokens, cached_tokens, completion, handle.dp_rank, finish
+                new_ids, new_text, prompt_tokens, cached_tokens, completion, handle.dp_rank, finish, rollback
             )
             if finish is not None:
                 return

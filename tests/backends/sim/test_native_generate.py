@@ -8,6 +8,7 @@ import json
 import httpx
 
 from backends.sim import SimServer
+from backends.sim.engine import Tokenizer
 
 from .conftest import StartServer, sse_events
 
@@ -175,3 +176,45 @@ async def test_old_server_sends_short_meta_info(start_server: StartServer) -> No
         "cached_tokens",
         "e2e_latency",
     ]
+
+
+async def test_return_logprob_lists(client: httpx.AsyncClient) -> None:
+    body = {
+        "input_ids": [11, 12, 13, 14],
+        "return_logprob": True,
+        "logprob_start_len": 0,
+        "top_logprobs_num": 3,
+        "sampling_params": {"max_new_tokens": 3},
+    }
+    meta = (await client.post("/generate", json=body)).json()["meta_info"]
+    keys = list(meta)
+    assert keys.index("input_token_logprobs") < keys.index("completion_tokens")
+    assert [e[1] for e in meta["input_token_logprobs"]] == [11, 12, 13, 14]
+    assert meta["input_token_logprobs"][0][0] is None
+    assert len(meta["output_token_logprobs"]) == 3
+    for entry, top in zip(meta["output_token_logprobs"], meta["output_top_logprobs"], strict=True):
+        assert entry[0] <= 0 and top[0] == entry and len(top) == 3
+        assert all(t[0] < entry[0] for t in top[1:])
+    again = (await client.post("/generate", json=body)).json()["meta_info"]
+    assert again["output_token_logprobs"] == meta["output_token_logprobs"]  # deterministic
+    plain = await client.post(
+        "/generate", json={"input_ids": [11, 12], "sampling_params": {"max_new_tokens": 1}}
+    )
+    assert "input_token_logprobs" not in plain.json()["meta_info"]
+
+
+async def test_stop_string_straddling_two_tokens_is_trimmed(client: httpx.AsyncClient) -> None:
+    params = {"max_new_tokens": 12, "ignore_eos": True}
+    base = (await client.post("/generate", json={"text": "straddle", "sampling_params": params})).json()
+    boundary = len(Tokenizer().decode(base["output_ids"][:4]))
+    stop = base["text"][boundary - 2 : boundary + 2]
+    body = (
+        await client.post("/generate", json={"text": "straddle", "sampling_params": {**params, "stop": stop}})
+    ).json()
+    assert body["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert body["text"] == base["text"][: base["text"].index(stop)]
+    r = await client.post(
+        "/generate", json={"text": "straddle", "stream": True, "sampling_params": {**params, "stop": stop}}
+    )
+    last = json.loads(sse_events(r.content)[-2])
+    assert last["text"] == body["text"]
