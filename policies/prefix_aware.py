@@ -45,6 +45,7 @@ class PrefixAware:
         if not snapshot.targets:
             raise NoTarget("no target in snapshot")
         candidates = self.source.candidates(snapshot, rng)
+        considered = len(candidates)
         for piece in self.filters:
             candidates = piece.keep(features, snapshot, candidates)
         score = self.scorer.score
@@ -57,7 +58,14 @@ class PrefixAware:
         return Decision(
             target=chosen.key,
             policy=self.name,
-            reason=_reason(features, chosen.predicted_cached_tokens, best_s, runner_up, pick.near),
+            reason=_reason(
+                features,
+                chosen.predicted_cached_tokens,
+                best_s,
+                runner_up,
+                pick.near,
+                considered - len(candidates),
+            ),
             predicted_cached_tokens=min(chosen.predicted_cached_tokens, features.prompt_tokens),
             predicted_ttft_s=best_s,
             alternatives=tuple(targets[i].key for i in pick.alternatives),
@@ -66,18 +74,23 @@ class PrefixAware:
 
 def _reason(
     features: RequestFeatures,
+    *,
     cached: int,
     best_s: float,
     runner_up: tuple[float, int] | None,
     near: int,
+    filtered: int,
 ) -> str:
     if cached > 0:
         head = f"prefix hit {min(cached, features.prompt_tokens)}/{features.prompt_tokens} tok"
     else:
         head = f"cache miss {features.prompt_tokens} tok"
     if runner_up is None:
-        return f"{head}; est ttft {best_s:.3f}s (only target)"
-    tail = f"; est ttft {best_s:.3f}s vs {runner_up[0]:.3f}s next"
-    if near > 1:
-        tail += f" ({near} near-equal)"
+        tail = f"; est ttft {best_s:.3f}s (only target)"
+    else:
+        tail = f"; est ttft {best_s:.3f}s vs {runner_up[0]:.3f}s next"
+        if near > 1:
+            tail += f" ({near} near-equal)"
+    if filtered:
+        tail += f"; {filtered} over load bound"
     return head + tail

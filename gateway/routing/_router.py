@@ -15,6 +15,7 @@ import msgspec
 
 from gateway.routing._features import RoutingRequest, prompt_blocks
 from gateway.state import Choice, Lease, ModelState, StateStore
+from policies import cost
 from policies.prefix import DEFAULT_BLOCK_BYTES, DEFAULT_BLOCK_IDS, PromptBlocks
 from policies.types import (
     Decision,
@@ -47,6 +48,9 @@ _SHRINK = 0.8
 _RECOVER = 1.02
 _MIN_SCALE = 0.05
 _DEFAULT_MAX_NEW_TOKENS = 128
+# A lease's prompt tokens stop counting as queued prefill after margin × expected TTFT + slack.
+_PREFILL_MARGIN = 1.5
+_PREFILL_SLACK_S = 0.25
 
 
 class WorkerLike(Protocol):
@@ -434,11 +438,15 @@ class Router(Generic[W]):
         first = decision.target
         prior_stamps = state.index.stamps(first, blocks.hashes[: match_blocks.get(first, 0)])
         chosen_view = by_key[decision.target]
+        # The prompt counts as queued prefill there until it is expected done (with margin): after
+        # that it is decoding, and the server's own load reports tell of any queue left.
+        expected_ttft = cost.ttft_s(features, chosen_view)
         lease = await self.store.reserve(
             model,
             choices,
             prefill_tokens=max(prompt_tokens - chosen_view.predicted_cached_tokens, 1),
             blocks=blocks.hashes,
+            prefill_s=_PREFILL_MARGIN * expected_ttft + _PREFILL_SLACK_S,
         )
         if lease.target != decision.target:
             moved = by_key[lease.target]

@@ -125,10 +125,20 @@ class StateStore(Protocol):
         ...
 
     async def reserve(
-        self, model: str, choices: Sequence[Choice], *, prefill_tokens: int, blocks: Sequence[int]
+        self,
+        model: str,
+        choices: Sequence[Choice],
+        *,
+        prefill_tokens: int,
+        blocks: Sequence[int],
+        prefill_s: float | None = None,
     ) -> Lease:
         """Reserve the first choice still within its in-flight bound (else the least loaded choice: a
-        request is never refused here) and record ``blocks`` as cached on the target reserved."""
+        request is never refused here) and record ``blocks`` as cached on the target reserved.
+
+        ``prefill_tokens`` count as queued prefill on the target for ``prefill_s`` seconds (the
+        expected time to first token, with margin), or until release when None; the request itself
+        counts until release."""
         ...
 
     async def release(

@@ -5,15 +5,17 @@ SCRIPT = r"""-- One atomic step of Cachet's shared routing state for one model (
 -- KEYS: 1 load HASH (label -> requests in flight, label|t -> prefill tokens in flight)
 --       2 leases ZSET (lease id -> expiry, ms of server time)  3 lease HASH (lease id -> label\ntokens)
 --       4 events STREAM (prefix-index updates published by every gateway)
+--       5 prefill ZSET (lease id -> when its prompt is expected prefilled; its tokens stop counting)
 -- ARGV: op, origin, last_event_id, want_all_loads, max_events, stream_maxlen, then per op:
---   reserve: lease_id, ttl_ms, prefill_tokens, blocks_blob, n_choices, (label, max_inflight)*n
+--   reserve: lease_id, ttl_ms, prefill_tokens, prefill_ms (0: until release), blocks_blob, n_choices,
+--            (label, max_inflight)*n
 --            takes the first choice within its max_inflight, else the least loaded choice
 --   release: n_ids, id*n
 --   renew:   ttl_ms, n_ids, id*n
 --   sync:    (nothing)
 -- then for every op: n_outbox, (kind, label, blob)*n  -- index updates to publish
 -- Returns {chosen (1-based, 0 if none), renewed, last_event_id, events, loads}
-local load, leases, lease, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local load, leases, lease, events, prefill = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local op, origin, last_id = ARGV[1], ARGV[2], ARGV[3]
 local want_all = ARGV[4] == '1'
 local max_events = tonumber(ARGV[5])
@@ -28,7 +30,9 @@ end
 
 local function add(label, requests, tokens)
   touched[label] = true
-  if redis.call('HINCRBY', load, label, requests) <= 0 then redis.call('HDEL', load, label) end
+  if requests ~= 0 and redis.call('HINCRBY', load, label, requests) <= 0 then
+    redis.call('HDEL', load, label)
+  end
   -- (tokens may be -0 in Lua, which Redis does not accept as an integer)
   if tokens ~= 0 and redis.call('HINCRBY', load, label .. '|t', tokens) <= 0 then
     redis.call('HDEL', load, label .. '|t')
@@ -38,6 +42,7 @@ end
 local function end_lease(id)
   local held = redis.call('HGET', lease, id)
   redis.call('ZREM', leases, id)
+  redis.call('ZREM', prefill, id)
   if not held then return 0 end
   local sep = string.find(held, '\n', 1, true)
   add(string.sub(held, 1, sep - 1), -1, 0 - tonumber(string.sub(held, sep + 1)))
@@ -45,6 +50,16 @@ local function end_lease(id)
   return 1
 end
 
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefill, '-inf', now, 'LIMIT', 0, 512)) do
+  redis.call('ZREM', prefill, id)
+  local held = redis.call('HGET', lease, id)
+  if held then
+    local sep = string.find(held, '\n', 1, true)
+    local label = string.sub(held, 1, sep - 1)
+    add(label, 0, 0 - tonumber(string.sub(held, sep + 1)))
+    redis.call('HSET', lease, id, label .. '\n0')
+  end
+end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 512)) do
   end_lease(id)
 end
@@ -56,9 +71,10 @@ end
 local i = 7
 local chosen, renewed = 0, 0
 if op == 'reserve' then
-  local lease_id, ttl, tokens, blob = ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10]
-  local n = tonumber(ARGV[11])
-  i = 12
+  local lease_id, ttl, tokens = ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
+  local prefill_ms, blob = tonumber(ARGV[10]), ARGV[11]
+  local n = tonumber(ARGV[12])
+  i = 13
   local labels = {}
   local lightest, lightest_count = 1, nil
   for c = 1, n do
@@ -74,6 +90,7 @@ if op == 'reserve' then
   redis.call('ZADD', leases, now + ttl, lease_id)
   redis.call('HSET', lease, lease_id, label .. '\n' .. tokens)
   add(label, 1, tokens)
+  if prefill_ms > 0 and tokens > 0 then redis.call('ZADD', prefill, now + prefill_ms, lease_id) end
   if blob ~= '' then publish('r', label, blob) end
 elseif op == 'release' then
   local n = tonumber(ARGV[7])

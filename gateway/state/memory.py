@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
 from collections import OrderedDict
@@ -14,11 +15,13 @@ __all__ = ["MemoryStore"]
 
 
 class _Held:
-    __slots__ = ("expires_at", "lease")
+    __slots__ = ("expires_at", "lease", "prefill_left")
 
     def __init__(self, lease: Lease, expires_at: float) -> None:
         self.lease = lease
         self.expires_at = expires_at
+        # Prompt tokens still counted as queued prefill on the target (0 once prefill is due).
+        self.prefill_left = lease.prefill_tokens
 
 
 class MemoryStore:
@@ -40,6 +43,7 @@ class MemoryStore:
         self._models: dict[str, ModelState] = {}
         # Ordered by expiry: every lease has the same TTL and a renewal moves it to the end.
         self._held: OrderedDict[str, _Held] = OrderedDict()
+        self._prefill_due: list[tuple[float, str]] = []  # heap of (when prefill is done, lease id)
         self._ids = itertools.count(1)
         self._expired = 0
 
@@ -56,9 +60,17 @@ class MemoryStore:
         return state
 
     async def ready(self, model: str) -> ModelState:
+        self._expire(self._clock())
         return self.model(model)
 
     def _expire(self, now: float) -> None:
+        due = self._prefill_due
+        while due and due[0][0] <= now:
+            _, lease_id = heapq.heappop(due)
+            entry = self._held.get(lease_id)
+            if entry is not None and entry.prefill_left:
+                self.model(entry.lease.model).add_load(entry.lease.target, 0, -entry.prefill_left)
+                entry.prefill_left = 0
         held = self._held
         while held:
             first = next(iter(held.values()))
@@ -66,16 +78,30 @@ class MemoryStore:
                 return
             held.popitem(last=False)
             lease = first.lease
-            self.model(lease.model).add_load(lease.target, -1, -lease.prefill_tokens)
+            self.model(lease.model).add_load(lease.target, -1, -first.prefill_left)
             self._expired += 1
 
     async def reserve(
-        self, model: str, choices: Sequence[Choice], *, prefill_tokens: int, blocks: Sequence[int]
+        self,
+        model: str,
+        choices: Sequence[Choice],
+        *,
+        prefill_tokens: int,
+        blocks: Sequence[int],
+        prefill_s: float | None = None,
     ) -> Lease:
-        return self.reserve_now(model, choices, prefill_tokens=prefill_tokens, blocks=blocks)
+        return self.reserve_now(
+            model, choices, prefill_tokens=prefill_tokens, blocks=blocks, prefill_s=prefill_s
+        )
 
     def reserve_now(
-        self, model: str, choices: Sequence[Choice], *, prefill_tokens: int, blocks: Sequence[int]
+        self,
+        model: str,
+        choices: Sequence[Choice],
+        *,
+        prefill_tokens: int,
+        blocks: Sequence[int],
+        prefill_s: float | None = None,
     ) -> Lease:
         """Synchronous reserve (the embedded store never waits)."""
         if not choices:
@@ -87,6 +113,8 @@ class MemoryStore:
         target = choices[chosen].target
         lease = Lease(f"m{next(self._ids)}", model, target, prefill_tokens, choice=chosen)
         self._held[lease.id] = _Held(lease, now + self.lease_ttl_s)
+        if prefill_s is not None and prefill_tokens:
+            heapq.heappush(self._prefill_due, (now + prefill_s, lease.id))
         state.add_load(target, 1, prefill_tokens)
         if blocks:
             state.index.record(target, blocks)
@@ -102,8 +130,9 @@ class MemoryStore:
     ) -> list[int]:
         """Synchronous release; returns the block hashes forgotten on the lease's target."""
         state = self.model(lease.model)
-        if self._held.pop(lease.id, None) is not None:
-            state.add_load(lease.target, -1, -lease.prefill_tokens)
+        entry = self._held.pop(lease.id, None)
+        if entry is not None:
+            state.add_load(lease.target, -1, -entry.prefill_left)
         forgotten: list[int] = []
         if forget_through_stamp is not None:
             forgotten.extend(state.index.evict_through(lease.target, forget_through_stamp))

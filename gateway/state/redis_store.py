@@ -50,7 +50,7 @@ _PENDING_RELEASES = 100_000
 
 def model_keys(model: str, prefix: str = "cachet") -> list[str]:
     tag = "{" + f"{prefix}:{model}" + "}"
-    return [f"{tag}:load", f"{tag}:leases", f"{tag}:lease", f"{tag}:events"]
+    return [f"{tag}:load", f"{tag}:leases", f"{tag}:lease", f"{tag}:events", f"{tag}:prefill"]
 
 
 def _pack(hashes: Sequence[int]) -> bytes:
@@ -87,11 +87,13 @@ def _text(value: Any) -> str:
 class _Local:
     """A lease known only to this replica (made while Redis was unreachable)."""
 
-    __slots__ = ("expires_at", "lease")
+    __slots__ = ("expires_at", "lease", "prefill_due", "prefill_left")
 
-    def __init__(self, lease: Lease, expires_at: float) -> None:
+    def __init__(self, lease: Lease, expires_at: float, prefill_due: float | None) -> None:
         self.lease = lease
         self.expires_at = expires_at
+        self.prefill_due = prefill_due
+        self.prefill_left = lease.prefill_tokens
 
 
 class _Shared:
@@ -229,20 +231,26 @@ class RedisStore:
         return self._shared[model]
 
     def _expire_local(self) -> None:
+        if not self._local:
+            return
         now = self._clock()
+        for entry in self._local.values():  # only while Redis is away: few
+            if entry.prefill_left and entry.prefill_due is not None and entry.prefill_due <= now:
+                self._adjust_local(entry.lease, 0, -entry.prefill_left)
+                entry.prefill_left = 0
         while self._local:
             first = next(iter(self._local.values()))
             if first.expires_at > now:
                 return
             self._local.popitem(last=False)
-            self._end_local(first.lease)
+            self._adjust_local(first.lease, -1, -first.prefill_left)
 
-    def _end_local(self, lease: Lease) -> None:
-        self.model(lease.model).add_load(lease.target, -1, -lease.prefill_tokens)
+    def _adjust_local(self, lease: Lease, requests: int, tokens: int) -> None:
+        self.model(lease.model).add_load(lease.target, requests, tokens)
         local = self._shared_of(lease.model).local_load.get(lease.target)
         if local is not None:
-            local[0] -= 1
-            local[1] -= lease.prefill_tokens
+            local[0] += requests
+            local[1] += tokens
 
     # -- the script ------------------------------------------------------------------------------
 
@@ -321,7 +329,13 @@ class RedisStore:
     # -- StateStore ------------------------------------------------------------------------------
 
     async def reserve(
-        self, model: str, choices: Sequence[Choice], *, prefill_tokens: int, blocks: Sequence[int]
+        self,
+        model: str,
+        choices: Sequence[Choice],
+        *,
+        prefill_tokens: int,
+        blocks: Sequence[int],
+        prefill_s: float | None = None,
     ) -> Lease:
         if not choices:
             raise ValueError("reserve needs at least one choice")
@@ -333,6 +347,7 @@ class RedisStore:
                 lease_id,
                 int(self.lease_ttl_s * 1000),
                 prefill_tokens,
+                max(int(prefill_s * 1000), 1) if prefill_s is not None else 0,
                 _pack(blocks) if blocks else b"",
                 len(choices),
             ]
@@ -359,17 +374,29 @@ class RedisStore:
                 if blocks:
                     state.index.record(target, blocks)
                 return Lease(lease_id, model, target, prefill_tokens, choice=chosen)
-        return self._reserve_local(model, lease_id, choices, prefill_tokens, blocks)
+        return self._reserve_local(
+            model, lease_id, choices, prefill_tokens=prefill_tokens, blocks=blocks, prefill_s=prefill_s
+        )
 
     def _reserve_local(
-        self, model: str, lease_id: str, choices: Sequence[Choice], prefill_tokens: int, blocks: Sequence[int]
+        self,
+        model: str,
+        lease_id: str,
+        choices: Sequence[Choice],
+        *,
+        prefill_tokens: int,
+        blocks: Sequence[int],
+        prefill_s: float | None,
     ) -> Lease:
         state = self.model(model)
         shared = self._shared[model]
         chosen = state.first_within_bound(choices)
         target = choices[chosen].target
         lease = Lease(lease_id, model, target, prefill_tokens, choice=chosen, local_only=True)
-        self._local[lease_id] = _Local(lease, self._clock() + self.lease_ttl_s)
+        now = self._clock()
+        self._local[lease_id] = _Local(
+            lease, now + self.lease_ttl_s, None if prefill_s is None else now + prefill_s
+        )
         local = shared.local_load.setdefault(target, [0, 0])
         local[0] += 1
         local[1] += prefill_tokens
@@ -395,8 +422,9 @@ class RedisStore:
         if forgotten:
             shared.outbox.append((b"f", lease.target.label(), _pack(forgotten)))
         if lease.local_only:
-            if self._local.pop(lease.id, None) is not None:
-                self._end_local(lease)
+            entry = self._local.pop(lease.id, None)
+            if entry is not None:
+                self._adjust_local(lease, -1, -entry.prefill_left)
             if self._usable() and shared.outbox:
                 await self._call(lease.model, "sync", [], want_all=self._want_all(lease.model))
             return

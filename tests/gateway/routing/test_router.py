@@ -223,3 +223,33 @@ async def test_open_leases_are_renewed_and_abandoned_ones_lapse() -> None:
         assert sum(load.requests for load in loads.values()) == 2
     finally:
         await router.aclose()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_hits_stay_until_the_queue_there_outweighs_the_cache() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    router = Router(two_servers(), store, get_policy("prefix_aware"), seed=4, clock=clock)
+    shared = "Quarterly report, full text. " * 550  # ~16 kB, ~4000 tokens
+
+    def ask(i: int) -> RoutingRequest:
+        return RoutingRequest(model="m", endpoint="generate", text=shared + f"Question {i}? " * 8)
+
+    routes = [await router.route(ask(i)) for i in range(6)]  # all in flight at once
+    home = routes[0].worker.url
+    assert routes[1].worker.url == home  # the hit waits for one prefill: still about as fast
+    assert "prefix hit" in routes[1].decision.reason
+    away = [r for r in routes if r.worker.url != home]
+    assert away, "a growing queue on the cached target must send work elsewhere"
+    assert "cache miss" in away[0].decision.reason
+    # once the queued prompts are prefilled (decoding now), the cache wins again
+    clock.now += 10
+    later = await router.route(ask(99))
+    assert later.decision.predicted_cached_tokens > 3000

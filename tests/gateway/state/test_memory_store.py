@@ -73,3 +73,18 @@ def test_change_log_lets_readers_catch_up() -> None:
     for _ in range(5000):
         state.add_load(C, 1, 0)
     assert state.changed_since(start) is None  # too far behind: rebuild
+
+
+async def test_prefill_tokens_stop_counting_when_due() -> None:
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    lease = await store.reserve("m", [Choice(A, 9)], prefill_tokens=4000, blocks=[], prefill_s=0.5)
+    held_long = await store.reserve("m", [Choice(A, 9)], prefill_tokens=100, blocks=[])
+    loads = (await store.ready("m")).loads
+    assert (loads[A].requests, loads[A].prefill_tokens) == (2, 4100)
+    clock.now += 0.6
+    loads = (await store.ready("m")).loads
+    assert (loads[A].requests, loads[A].prefill_tokens) == (2, 100)  # prefilled, now decoding
+    await store.release(lease)
+    await store.release(held_long)
+    assert (loads[A].requests, loads[A].prefill_tokens) == (0, 0)

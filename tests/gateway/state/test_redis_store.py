@@ -35,7 +35,7 @@ async def replicas(redis_process: Any) -> AsyncIterator[Callable[..., Any]]:
 def test_keys_share_one_cluster_hash_tag() -> None:
     keys = model_keys("deepseek-ai/DeepSeek-V3")
     assert all(key.startswith("{cachet:deepseek-ai/DeepSeek-V3}:") for key in keys)
-    assert len(set(keys)) == 4
+    assert len(set(keys)) == 5
 
 
 async def test_leases_and_loads_are_shared(replicas: Callable[..., Any]) -> None:
@@ -169,3 +169,15 @@ async def test_redis_restart_resyncs_without_errors(redis_process: Any, replicas
     lease = await store.reserve("m", [Choice(X, 9)], prefill_tokens=1, blocks=[])
     assert not lease.local_only
     await store.release(lease)
+
+
+async def test_prefill_tokens_stop_counting_when_due(replicas: Callable[..., Any]) -> None:
+    one, two = await replicas(), await replicas()
+    lease = await one.reserve("m", [Choice(X, 9)], prefill_tokens=4000, blocks=[], prefill_s=0.2)
+    other = await two.reserve("m", [Choice(X, 9)], prefill_tokens=100, blocks=[])
+    assert (two.model("m").loads[X].requests, two.model("m").loads[X].prefill_tokens) == (2, 4100)
+    await asyncio.sleep(0.3)
+    await two.release(other)
+    assert (two.model("m").loads[X].requests, two.model("m").loads[X].prefill_tokens) == (1, 0)
+    await one.release(lease)
+    assert (one.model("m").loads[X].requests, one.model("m").loads[X].prefill_tokens) == (0, 0)
