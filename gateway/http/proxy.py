@@ -325,7 +325,7 @@ class Proxy:
             raise upstream_failed(f"No server could serve the request: {failure}", timeout=failure.timeout)
         except GatewayError as exc:
             error = exc.message
-            await send_error(send, exc)
+            await self._fail_late(send, exchange, exc)
         finally:
             span.end(error=error)
 
