@@ -152,3 +152,12 @@ def test_dp_attention_serves_many_long_context_users_faster_than_tp8() -> None:
         makespan = max(t.finished_s or 0.0 for t in timings)
         results[preset] = sum(t.completion_tokens for t in timings) / makespan
     assert results["h200-dp8"] > 1.3 * results["h200-tp8"]
+
+
+def test_server_level_virtual_runs_are_deterministic() -> None:
+    def run() -> list[tuple[str, float | None, int]]:
+        engine = ServerEngine(EngineConfig(preset="h200-dp8", seed=5))
+        timings = run_closed_loop_server(engine, request_factory(700, 40), concurrency=24, total_requests=48)
+        return [(t.rid, t.finished_s, t.completion_tokens) for t in timings]
+
+    assert run() == run()

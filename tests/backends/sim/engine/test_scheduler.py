@@ -290,3 +290,20 @@ def test_dp_attention_divides_the_chunk_like_sglang() -> None:
         == 16384
     )
     assert ServerEngine(EngineConfig(preset="h200-tp8", chunked_prefill_size=-1)).chunked_prefill_size is None
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"page_size": 0},
+        {"rtt_ms": -1.0},
+        {"chunked_prefill_size": 8, "page_size": 64},
+        {"max_running_requests": 0},
+        {"max_total_num_tokens": 4},
+        {"schedule_conservativeness": -0.5},
+        {"context_length": 1},
+    ],
+)
+def test_bad_configs_are_rejected(overrides: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        ServerEngine(EngineConfig(**overrides))  # type: ignore[arg-type]
