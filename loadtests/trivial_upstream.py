@@ -253,10 +253,11 @@ def build_replies(chunks: int, dp_size: int, port: int) -> Replies:
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("_body", "_idle", "_loop", "_parser", "_path", "_replies", "_transport")
+    __slots__ = ("_body", "_idle", "_idle_timeout_s", "_loop", "_parser", "_path", "_replies", "_transport")
 
-    def __init__(self, replies: Replies) -> None:
+    def __init__(self, replies: Replies, idle_timeout_s: float) -> None:
         self._replies = replies
+        self._idle_timeout_s = idle_timeout_s
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._path = b""
@@ -277,7 +278,7 @@ class _Connection(asyncio.Protocol):
     def _arm_idle(self) -> None:
         if self._idle is not None:
             self._idle.cancel()
-        self._idle = self._loop.call_later(IDLE_TIMEOUT_S, self._close_idle)
+        self._idle = self._loop.call_later(self._idle_timeout_s, self._close_idle)
 
     def _close_idle(self) -> None:
         if self._transport is not None:
@@ -330,18 +331,22 @@ class _Connection(asyncio.Protocol):
             self._arm_idle()
 
 
-async def serve(host: str, port: int, chunks: int, dp_size: int) -> asyncio.Server:
+async def serve(
+    host: str, port: int, chunks: int, dp_size: int, idle_timeout_s: float = IDLE_TIMEOUT_S
+) -> asyncio.Server:
     """Start serving; the caller owns the returned server (close() + wait_closed())."""
     loop = asyncio.get_running_loop()
     holder: list[Replies] = []
-    server = await loop.create_server(lambda: _Connection(holder[0]), host, port, backlog=4096)
+    server = await loop.create_server(
+        lambda: _Connection(holder[0], idle_timeout_s), host, port, backlog=4096
+    )
     bound = server.sockets[0].getsockname()[1]
     holder.append(build_replies(chunks, dp_size, bound))
     return server
 
 
 async def _main(args: argparse.Namespace) -> None:
-    server = await serve(args.host, args.port, args.chunks, args.dp_size)
+    server = await serve(args.host, args.port, args.chunks, args.dp_size, args.idle_timeout)
     print(f"TRIVIAL-UPSTREAM-READY {server.sockets[0].getsockname()[1]}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -358,6 +363,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--chunks", type=int, default=16, help="SSE events per streamed response")
     parser.add_argument("--dp-size", type=int, default=1)
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=IDLE_TIMEOUT_S,
+        help="seconds an idle keep-alive connection stays open (SGLang: 5)",
+    )
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         sys.exit("trivial upstream binds loopback only")

@@ -11,7 +11,9 @@ READY = "TRIVIAL-UPSTREAM-READY"
 
 
 @contextlib.asynccontextmanager
-async def trivial_upstream(chunks: int = 16, dp_size: int = 1, timeout_s: float = 15.0) -> AsyncIterator[str]:
+async def trivial_upstream(
+    chunks: int = 16, dp_size: int = 1, timeout_s: float = 15.0, idle_timeout_s: float = 5.0
+) -> AsyncIterator[str]:
     """Run ``python -m loadtests.trivial_upstream`` on a free loopback port; yields its base URL."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -23,6 +25,8 @@ async def trivial_upstream(chunks: int = 16, dp_size: int = 1, timeout_s: float 
         str(chunks),
         "--dp-size",
         str(dp_size),
+        "--idle-timeout",
+        str(idle_timeout_s),
         stdout=asyncio.subprocess.PIPE,
     )
     try:
