@@ -119,10 +119,20 @@ class _Exchange:
 class _UpstreamFailed(Exception):
     """One attempt failed before the client saw a byte; another server may be tried."""
 
-    def __init__(self, message: str, *, timeout: bool = False, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        timeout: bool = False,
+        status: int | None = None,
+        server: str = "",
+        role: str = "regular",
+    ) -> None:
         super().__init__(message)
         self.timeout = timeout
         self.status = status
+        self.server = server
+        self.role = role
 
 
 def _response_headers(
@@ -405,14 +415,58 @@ class Proxy:
         exchange: _Exchange,
         span: RequestSpan,
     ) -> None:
+        """Prefill/decode exchanges until one serves the request: a prefill or decode server that fails
+        before the client's first byte is excluded and the pair chosen again (at most ``retries``)."""
+        excluded: dict[str, frozenset[str]] = {"prefill": frozenset(), "decode": frozenset()}
+        failure: _UpstreamFailed | None = None
+        for _attempt in range(self._settings.retries + 1):
+            try:
+                await self._pd_attempt(
+                    endpoint=endpoint,
+                    request=request,
+                    body=body,
+                    headers=headers,
+                    batch=batch,
+                    send=send,
+                    exchange=exchange,
+                    span=span,
+                    excluded=excluded,
+                )
+                return
+            except NoHealthyWorker:
+                if failure is None:
+                    raise no_healthy_worker(request.model, self._settings.retry_after_s) from None
+                break
+            except _UpstreamFailed as exc:
+                logger.warning("%s server %s failed before the first byte: %s", exc.role, exc.server, exc)
+                failure = exc
+                excluded[exc.role] = excluded[exc.role] | {exc.server}
+        assert failure is not None
+        raise upstream_failed(
+            f"No prefill/decode pair could serve the request: {failure}", timeout=failure.timeout
+        )
+
+    async def _pd_attempt(
+        self,
+        *,
+        endpoint: Endpoint,
+        request: RoutingRequest,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        batch: bool,
+        send: Send,
+        exchange: _Exchange,
+        span: RequestSpan,
+        excluded: dict[str, frozenset[str]],
+    ) -> None:
         """One prefill/decode exchange: the same body to both, paired by bootstrap fields; the
-        decode's response is the client's. Not retried: a failure is answered with a 502."""
+        decode's response is the client's. Raises _UpstreamFailed (with the server to exclude) for a
+        failure before the client's first byte, NoHealthyWorker when no pair is left."""
         assert self._pd_routers is not None
         prefill_router, decode_router = self._pd_routers
-        try:
-            prefill = await prefill_router.route(request)
-        except NoHealthyWorker:
-            raise no_healthy_worker(request.model, self._settings.retry_after_s) from None
+        prefill = await prefill_router.route(
+            msgspec.structs.replace(request, exclude=excluded["prefill"]) if excluded["prefill"] else request
+        )
         prefill_outcome = Outcome(ok=False)
         decode_outcome = Outcome(ok=False)
         decode: Route[Any] | None = None
@@ -420,10 +474,11 @@ class Proxy:
         responses: list[UpstreamResponse] = []
         began = self._clock()
         try:
-            try:
-                decode = await decode_router.route(request)
-            except NoHealthyWorker:
-                raise no_healthy_worker(request.model, self._settings.retry_after_s) from None
+            decode = await decode_router.route(
+                msgspec.structs.replace(request, exclude=excluded["decode"])
+                if excluded["decode"]
+                else request
+            )
             span.set(worker=decode.worker.url, dp_rank=decode.dp_rank, prefill_worker=prefill.worker.url)
             source = request.input_ids if request.input_ids is not None else request.text
             bootstrap = bootstrap_for(
@@ -461,8 +516,13 @@ class Proxy:
                 responses.append(prefill_response)
                 prefill_body = await prefill_response.aread()
             except UpstreamError as exc:
-                raise upstream_failed(
-                    f"prefill server {prefill.worker.url} failed: {type(exc).__name__}: {exc}"
+                if isinstance(exc, UpstreamConnectError) and self._on_connect_failure is not None:
+                    self._on_connect_failure(prefill.worker.url)
+                raise _UpstreamFailed(
+                    f"prefill server {prefill.worker.url}: {type(exc).__name__}: {exc}",
+                    timeout=isinstance(exc, UpstreamTimeout),
+                    server=prefill.worker.url,
+                    role="prefill",
                 ) from exc
             if prefill_response.status >= 400:
                 detail = prefill_body[:300].decode("utf-8", "replace")
@@ -470,8 +530,11 @@ class Proxy:
                     raise GatewayError(
                         prefill_response.status, detail, "invalid_request_error", code=prefill_response.status
                     )
-                raise upstream_failed(
-                    f"prefill server {prefill.worker.url} answered {prefill_response.status}: {detail}"
+                raise _UpstreamFailed(
+                    f"prefill server {prefill.worker.url} answered {prefill_response.status}: {detail}",
+                    status=prefill_response.status,
+                    server=prefill.worker.url,
+                    role="prefill",
                 )
             usage = usage_from_body(prefill_body)
             prefill_outcome = Outcome(
@@ -483,39 +546,47 @@ class Proxy:
             try:
                 decode_response = await decode_task
             except UpstreamError as exc:
-                raise upstream_failed(
-                    f"decode server {decode.worker.url} failed: {type(exc).__name__}: {exc}"
+                if isinstance(exc, UpstreamConnectError) and self._on_connect_failure is not None:
+                    self._on_connect_failure(decode.worker.url)
+                raise _UpstreamFailed(
+                    f"decode server {decode.worker.url}: {type(exc).__name__}: {exc}",
+                    timeout=isinstance(exc, UpstreamTimeout),
+                    server=decode.worker.url,
+                    role="decode",
                 ) from exc
             responses.append(decode_response)
+            if decode_response.status >= 500:
+                detail = await _error_detail(decode_response)
+                raise _UpstreamFailed(
+                    f"decode server {decode.worker.url} answered {decode_response.status}: {detail}",
+                    status=decode_response.status,
+                    server=decode.worker.url,
+                    role="decode",
+                )
             receipt = [
                 *decode.receipt_headers,
                 ("x-cachet-prefill-worker", prefill.worker.url),
                 ("x-cachet-prefill-dp-rank", str(prefill.decision.target.dp_rank)),
                 ("x-cachet-prefill-cached-tokens", str(prefill.decision.predicted_cached_tokens)),
             ]
+            forward = (
+                self._forward_whole
+                if decode_response.status >= 400 or not _is_event_stream(decode_response)
+                else self._forward_stream
+            )
             try:
-                if decode_response.status >= 400 or not _is_event_stream(decode_response):
-                    decode_outcome = await self._forward_whole(
-                        response=decode_response,
-                        worker_url=decode.worker.url,
-                        receipt=receipt,
-                        send=send,
-                        exchange=exchange,
-                        began=began,
-                        span=span,
-                    )
-                else:
-                    decode_outcome = await self._forward_stream(
-                        response=decode_response,
-                        worker_url=decode.worker.url,
-                        receipt=receipt,
-                        send=send,
-                        exchange=exchange,
-                        began=began,
-                        span=span,
-                    )
+                decode_outcome = await forward(
+                    response=decode_response,
+                    worker_url=decode.worker.url,
+                    receipt=receipt,
+                    send=send,
+                    exchange=exchange,
+                    began=began,
+                    span=span,
+                )
             except _UpstreamFailed as exc:
-                raise upstream_failed(str(exc), timeout=exc.timeout) from exc
+                exc.server, exc.role = decode.worker.url, "decode"
+                raise
         finally:
             for task in pending:
                 if not task.done():

@@ -29,7 +29,7 @@ def pd_pool() -> Iterator[dict[str, Any]]:
             "--servers",
             "0",
             "--prefill",
-            "1",
+            "2",
             "--decode",
             "1",
             "--dp-size",
@@ -46,7 +46,7 @@ def pd_pool() -> Iterator[dict[str, Any]]:
         servers = json.loads(cluster.wait_for_line(r"^CACHET-SIM-READY (.*)$", timeout=60).group(1))[
             "servers"
         ]
-        [prefill] = [s for s in servers if s["role"] == "prefill"]
+        prefills = [s for s in servers if s["role"] == "prefill"]
         [decode] = [s for s in servers if s["role"] == "decode"]
         port = find_free_port()
         gateway = ChildProcess(
@@ -59,15 +59,14 @@ def pd_pool() -> Iterator[dict[str, Any]]:
                 str(port),
                 "--log-level",
                 "warning",
-                "--prefill",
-                f"{prefill['url']},{prefill['bootstrap_port']}",
+                *[arg for p in prefills for arg in ("--prefill", f"{p['url']},{p['bootstrap_port']}")],
                 "--decode",
                 decode["url"],
             ]
         )
         url = f"http://127.0.0.1:{port}"
         wait_for_http(url + "/readiness", timeout=60, process=gateway)
-        yield {"url": url, "prefill": prefill["url"], "decode": decode["url"]}
+        yield {"url": url, "prefills": [p["url"] for p in prefills], "decode": decode["url"]}
     finally:
         if gateway is not None:
             gateway.stop()
@@ -88,8 +87,8 @@ def faults(pd_pool: dict[str, Any]) -> Iterator[Any]:
     try:
         yield inject
     finally:
-        for role in ("prefill", "decode"):
-            httpx.delete(pd_pool[role] + "/sim/faults", timeout=5)
+        for server in [*pd_pool["prefills"], pd_pool["decode"]]:
+            httpx.delete(server + "/sim/faults", timeout=5)
 
 
 def test_chat_goes_through_prefill_then_decode(client: openai.OpenAI, pd_pool: dict[str, Any]) -> None:
@@ -100,7 +99,7 @@ def test_chat_goes_through_prefill_then_decode(client: openai.OpenAI, pd_pool: d
     assert completion.choices[0].message.content
     assert completion.usage is not None and completion.usage.completion_tokens == 6
     assert raw.headers["x-cachet-worker"] == pd_pool["decode"]
-    assert raw.headers["x-cachet-prefill-worker"] == pd_pool["prefill"]
+    assert raw.headers["x-cachet-prefill-worker"] in pd_pool["prefills"]
     assert raw.headers["x-cachet-prefill-dp-rank"] in {"0", "1"}
 
 
@@ -127,10 +126,23 @@ def test_streams_and_native_generate(client: openai.OpenAI, pd_pool: dict[str, A
     assert batch.status_code == 200 and len(batch.json()) == 2
 
 
-def test_prefill_failure_is_an_openai_error_not_a_hang(
+def test_failing_prefill_server_is_replaced_before_first_byte(
     client: openai.OpenAI, pd_pool: dict[str, Any], faults: Any
 ) -> None:
-    faults(pd_pool["prefill"], error_rate=1.0)
+    bad, good = pd_pool["prefills"]
+    faults(bad, error_rate=1.0)
+    for i in range(4):
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": f"q{i}"}], max_tokens=3, stream=i % 2 == 1
+        )
+        assert raw.status_code == 200 and raw.headers["x-cachet-prefill-worker"] == good
+
+
+def test_prefill_pool_failure_is_an_openai_error_not_a_hang(
+    client: openai.OpenAI, pd_pool: dict[str, Any], faults: Any
+) -> None:
+    for server in pd_pool["prefills"]:
+        faults(server, error_rate=1.0)
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4)
