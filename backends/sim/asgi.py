@@ -39,7 +39,18 @@ class Disconnected(Exception):
 class HttpRequest:
     """One HTTP exchange; handlers answer with exactly one of respond() or the stream methods."""
 
-    __slots__ = ("_cors", "_stream_started", "headers", "method", "path", "query", "receive", "scope", "send")
+    __slots__ = (
+        "_cors",
+        "_started",
+        "_stream_started",
+        "headers",
+        "method",
+        "path",
+        "query",
+        "receive",
+        "scope",
+        "send",
+    )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.scope = scope
@@ -62,6 +73,7 @@ class HttpRequest:
             else []
         )
         self._stream_started = False
+        self._started = False
 
     async def body(self) -> bytes:
         chunks: list[bytes] = []
@@ -91,16 +103,19 @@ class HttpRequest:
         if extra_headers:
             headers.extend(extra_headers)
         headers.extend(self._cors)
-        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        await self.start(status, headers)
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self._started = True
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def respond_json(self, status: int, payload: object) -> None:
         await self.respond(status, encode_json(payload))
 
     async def start_stream(self, content_type: bytes = EVENT_STREAM) -> None:
-        headers = [(b"content-type", content_type), *self._cors]
         self._stream_started = True
-        await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+        await self.start(200, [(b"content-type", content_type), *self._cors])
 
     async def stream(self, chunk: bytes) -> None:
         await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -111,6 +126,10 @@ class HttpRequest:
     @property
     def stream_started(self) -> bool:
         return self._stream_started
+
+    @property
+    def response_started(self) -> bool:
+        return self._started
 
     async def wait_disconnect(self) -> None:
         """Returns once the client has gone (or the response is complete: uvicorn reports both alike)."""

@@ -27,6 +27,7 @@ from backends.sim.native import GenerateHandler
 from backends.sim.openai_api import OpenAIHandler
 from backends.sim.pd import BootstrapServer
 from backends.sim.runtime import Runtime
+from backends.sim.session import CutConnection
 from backends.sim.settings import Faults, ServerSettings
 
 Handler = Callable[[HttpRequest], Awaitable[None]]
@@ -219,14 +220,14 @@ class SimServer:
         req = HttpRequest(scope, receive, send)
         try:
             await self._dispatch(req)
-        except (Disconnected, ConnectionError):
+        except (Disconnected, ConnectionError, CutConnection):
             return
         except BodyTooLarge:
-            if not req.stream_started:
+            if not req.response_started:
                 await req.respond(413, b'{"detail":"Request Entity Too Large"}')
         except Exception:
             log.exception("unhandled error on %s %s", req.method, req.path)
-            if not req.stream_started:
+            if not req.response_started:
                 await req.respond(500, b"Internal Server Error", content_type=b"text/plain; charset=utf-8")
 
     async def _dispatch(self, req: HttpRequest) -> None:
@@ -274,16 +275,8 @@ class SimServer:
             (b"access-control-allow-headers", req.headers.get("access-control-request-headers", "").encode()),
             (b"access-control-allow-origin", origin),
         ]
-        await req.send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-length", b"2"),
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                    *headers,
-                ],
-            }
+        await req.start(
+            200, [(b"content-length", b"2"), (b"content-type", b"text/plain; charset=utf-8"), *headers]
         )
         await req.send({"type": "http.response.body", "body": b"OK", "more_body": False})
 

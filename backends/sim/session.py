@@ -76,7 +76,7 @@ class Exchange:
         if self._runtime.faults.drop_after_chunks is not None:
             # Announce the full length, send half, and go: the client sees the connection die mid-body.
             headers = [(b"content-length", str(len(body)).encode()), (b"content-type", JSON)]
-            await self._req.send({"type": "http.response.start", "status": status, "headers": headers})
+            await self._req.start(status, headers)
             await self._req.send(
                 {"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True}
             )

@@ -214,3 +214,15 @@ async def test_fuzz_never_500s_or_hangs(server: SimServer) -> None:
             r = await c.post("/generate", content=raw)
             assert r.status_code in (200, 400), (raw[:20], r.text)
         assert (await c.get("/health")).status_code == 200
+
+
+async def test_cors(client: httpx.AsyncClient) -> None:
+    r = await client.get("/v1/models", headers={"Origin": "http://example.test"})
+    assert r.headers["access-control-allow-origin"] == "http://example.test"
+    assert r.headers["access-control-allow-credentials"] == "true"
+    pre = await client.options(
+        "/v1/chat/completions",
+        headers={"Origin": "http://example.test", "Access-Control-Request-Method": "POST"},
+    )
+    assert pre.status_code == 200 and pre.text == "OK"
+    assert pre.headers["access-control-allow-origin"] == "http://example.test"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import random
 import time
 
 import httpx
@@ -189,3 +191,72 @@ async def test_decode_waiting_for_kv_gives_up_when_client_leaves(start_server: S
             await asyncio.sleep(0.02)
         assert (await c.get("/sim/state")).json()["waiting_for_pd_peer"] == 0
         assert (await c.post("/flush_cache")).status_code == 200
+
+
+async def _random_op(c: httpx.AsyncClient, rng: random.Random) -> None:
+    kind = rng.randrange(6)
+    try:
+        if kind == 0:
+            body = {
+                "text": "hello " * rng.randrange(1, 50),
+                "stream": rng.random() < 0.5,
+                "sampling_params": {"max_new_tokens": rng.randrange(0, 40)},
+            }
+            await c.post("/generate", json=body, timeout=rng.choice([0.05, 5.0]))
+        elif kind == 1:
+            chat = {
+                "messages": [{"role": "user", "content": "x" * rng.randrange(1, 400)}],
+                "max_tokens": rng.randrange(1, 30),
+                "stream": True,
+                "n": rng.randrange(1, 3),
+            }
+            async with c.stream("POST", "/v1/chat/completions", json=chat) as r:
+                async for _ in r.aiter_raw():
+                    if rng.random() < 0.1:
+                        break
+        elif kind == 2:
+            completion = {
+                "prompt": ["a", "b"],
+                "max_tokens": 5,
+                "stream": rng.random() < 0.5,
+                "stream_options": {"include_usage": True},
+            }
+            await c.post("/v1/completions", json=completion)
+        elif kind == 3:
+            faults = {
+                "drop_after_chunks": rng.choice([None, 1, 3]),
+                "latency_ms": rng.choice([0, 5]),
+                "error_rate": rng.choice([0, 0.2]),
+            }
+            await c.post("/sim/faults", json=faults)
+        elif kind == 4:
+            await c.get(rng.choice(["/health", "/v1/loads", "/metrics", "/get_load", "/server_info"]))
+        else:
+            await c.post("/abort_request", json={"abort_all": True})
+    except httpx.HTTPError:
+        pass  # injected drops and client-side timeouts
+
+
+async def test_concurrent_chaos_leaves_a_clean_server(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start_server(dp_size=4, enable_metrics=True, time_scale=0.005)
+    rng = random.Random(7)
+    async with httpx.AsyncClient(
+        base_url=server.url, timeout=10, limits=httpx.Limits(max_connections=200)
+    ) as c:
+        for _ in range(4):
+            await asyncio.gather(*(_random_op(c, rng) for _ in range(80)))
+        await c.delete("/sim/faults")
+        for _ in range(100):
+            state = (await c.get("/sim/state")).json()
+            if not any(state["inflight"]):
+                break
+            await asyncio.sleep(0.05)
+        assert not any(state["inflight"])
+        loads = (await c.get("/v1/loads", params={"include": "core"})).json()["loads"]
+        assert all(x["num_running_reqs"] == 0 and x["num_waiting_reqs"] == 0 for x in loads)
+        assert (await c.post("/flush_cache")).status_code == 200
+        assert (await c.get("/health")).status_code == 200
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
