@@ -71,7 +71,7 @@ class MatchedPlusSample:
 
     name = "matched+sample"
 
-    def __init__(self, *, exact_up_to: int = 128, matched_cap: int = 16, sample: int = 16) -> None:
+    def __init__(self, *, exact_up_to: int = 128, matched_cap: int = 16, sample: int = 8) -> None:
         self.exact_up_to = exact_up_to
         self.matched_cap = matched_cap
         self.sample = sample

@@ -159,16 +159,12 @@ class PrefixIndex:
     def stamps(self, target: TargetKey, hashes: Sequence[int]) -> tuple[int, ...]:
         """The recency stamps ``target`` holds for the leading ``hashes`` (stops at the first miss)."""
         slot = self._slots.get(target)
-        if slot is None:
+        if slot is None or not hashes:
             return ()
-        lru = slot.lru
-        out: list[int] = []
-        for block in hashes:
-            stamp = lru.get(block)
-            if stamp is None:
-                break
-            out.append(stamp)
-        return tuple(out)
+        found = [slot.lru.get(block) for block in hashes]
+        if None in found:
+            found = found[: found.index(None)]
+        return tuple(found)  # type: ignore[arg-type]  # the Nones were cut off
 
     # -- updates ---------------------------------------------------------------------------------
 

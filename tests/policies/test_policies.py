@@ -155,7 +155,7 @@ def test_prefix_aware_on_a_large_snapshot_looks_at_matches_and_a_sample() -> Non
     source = MatchedPlusSample()
     candidates = source.candidates(snapshot, random.Random(0))
     assert candidates[0] == 700
-    assert len(candidates) == 17  # 1 match + 16 sampled
+    assert len(candidates) == 9  # 1 match + 8 sampled
     decision = get_policy("prefix_aware").decide(FEATURES, snapshot, random.Random(0))
     assert decision.target.worker == "t0700"
 
