@@ -30,8 +30,8 @@ from gateway.pd._forwarder import ClientState, EndpointLike, PDForwarder, PDRout
 from gateway.pd._rooms import RoomAllocator
 from gateway.pd._settings import PDSettings
 from gateway.pd._shape import RequestShape, request_shape
-from gateway.registry import WorkerRegistry, WorkerSpec
-from gateway.routing import Router, make_store
+from gateway.registry import Worker, WorkerSpec
+from gateway.routing import RegistryLike, Router, make_store
 from gateway.upstream import Transport
 from policies.decode_load import DecodeLoad
 from policies.prefix_aware import PrefixAware
@@ -54,7 +54,7 @@ __all__ = [
 
 
 def make_pd_forwarder(
-    registry: WorkerRegistry,
+    registry: RegistryLike[Worker],
     transport: Transport,
     settings: PDSettings | None = None,
     *,

@@ -155,7 +155,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         )
                     )
     if systems & {"cachet-pd", "sglang-router-pd", "cachet-pd-direct"}:
-        half = args.nodes // 2
+        half = args.prefill_nodes if args.prefill_nodes is not None else args.nodes // 2
+        if not 0 < half < args.nodes:
+            raise SystemExit("--prefill-nodes must leave at least one prefill and one decode node")
         extra = [*common, "--prefill", str(half), "--decode", str(args.nodes - half)]
         regular_nodes = 0
         async with run_sim_cluster(
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--nodes", type=int, default=4, help="simulated 8-GPU nodes (PD: half prefill, half decode)"
     )
+    parser.add_argument("--prefill-nodes", type=int, default=None, help="PD: prefill nodes (default: half)")
     parser.add_argument("--preset", default="h200-tp8")
     parser.add_argument("--time-scale", type=float, default=1.0)
     parser.add_argument("--max-running", type=int, default=128)
