@@ -10,7 +10,13 @@ import msgspec
 
 from backends.sim.asgi import PROMETHEUS, TEXT_PLAIN, HttpRequest, encode_json
 from backends.sim.engine import RankLoad
-from backends.sim.errors import SchemaError, http_exception_body, schema_error, validation_body
+from backends.sim.errors import (
+    SchemaError,
+    http_exception_body,
+    openai_error_body,
+    schema_error,
+    validation_body,
+)
 from backends.sim.runtime import Runtime
 
 _FLUSH_TEXT = (
@@ -34,8 +40,18 @@ class InfoHandlers:
         if not runtime.ready:
             await req.respond(503, b"", content_type=None)
             return
+        if req.path == "/health" and not runtime.settings.health_runs_generate:
+            await req.respond(200, b"", content_type=None)
+            return
         ok = await runtime.probe(runtime.settings.health_check_timeout_s)
         await req.respond(200 if ok else 503, b"", content_type=None)
+
+    async def embeddings(self, req: HttpRequest) -> None:
+        message = (
+            "This model does not appear to be an embedding model by default. "
+            "Please add `--is-embedding` when launching the server or try another model."
+        )
+        await req.respond(400, openai_error_body(message, "BadRequestError", 400))
 
     # ---- model / server info ---------------------------------------------------------------------------
 

@@ -69,3 +69,41 @@ def output_logprobs(
     if req.top_n > 0:
         out["output_top_logprobs"] = [_top(tok, t, pos, req) for pos, t in zip(positions, ids, strict=True)]
     return out
+
+
+def _token_dict(tok: Tokenizer, token_id: int, value: float) -> dict[str, Any]:
+    text = tok.decode([token_id])
+    return {"token": text, "bytes": list(text.encode()), "logprob": value}
+
+
+def chat_logprobs(tok: Tokenizer, ids: list[int], start_pos: int, top_n: int) -> dict[str, Any]:
+    """OpenAI chat `choices[].logprobs` for `ids`, the first of which sits at `start_pos` of the sequence."""
+    req = LogprobRequest(start_len=0, top_n=top_n, with_text=False)
+    content = []
+    for pos, token_id in enumerate(ids, start_pos):
+        entry = _token_dict(tok, token_id, logprob_of(token_id, pos))
+        entry["top_logprobs"] = (
+            [_token_dict(tok, t[1], t[0]) for t in _top(tok, token_id, pos, req)] if top_n else []
+        )
+        content.append(entry)
+    return {"content": content}
+
+
+def completion_logprobs(
+    tok: Tokenizer, ids: list[int], start_pos: int, top_n: int, text_offset: int
+) -> dict[str, Any]:
+    """OpenAI completions `choices[].logprobs` (text_offset, token_logprobs, tokens, top_logprobs)."""
+    req = LogprobRequest(start_len=0, top_n=max(top_n, 1), with_text=False)
+    offsets: list[int] = []
+    values: list[float] = []
+    tokens: list[str] = []
+    tops: list[dict[str, float]] = []
+    for pos, token_id in enumerate(ids, start_pos):
+        text = tok.decode([token_id])
+        offsets.append(text_offset)
+        text_offset += len(text)
+        values.append(logprob_of(token_id, pos))
+        tokens.append(text)
+        if top_n:
+            tops.append({tok.decode([t[1]]): t[0] for t in _top(tok, token_id, pos, req)[:top_n]})
+    return {"text_offset": offsets, "token_logprobs": values, "tokens": tokens, "top_logprobs": tops}

@@ -17,6 +17,7 @@ from backends.sim.errors import (
     schema_error,
     validation_body,
 )
+from backends.sim.logprobs import chat_logprobs, completion_logprobs
 from backends.sim.native import _as_bool, _is_int, _opt_int, decode_json_object
 from backends.sim.params import Sampling, parse_sampling
 from backends.sim.runtime import Bootstrap, GenerationInput, Progress, RequestError, Runtime
@@ -59,6 +60,7 @@ class OpenAIRequest:
     bootstrap: Bootstrap | None
     echo: bool
     semantic_error: RequestError | None
+    logprobs_top: int | None = None  # None: no logprobs; else how many alternatives per token
 
 
 def _opt_number(obj: dict[str, Any], key: str) -> float | None:
@@ -211,6 +213,14 @@ def parse_openai(obj: dict[str, Any], runtime: Runtime, chat: bool, headers: dic
         echo = _as_bool(obj, "echo")
         if not prompts or any(not p for p in prompts):
             semantic = semantic or RequestError("Prompt cannot be empty.")
+    logprobs_top: int | None = None
+    if chat:
+        if _as_bool(obj, "logprobs"):
+            logprobs_top = min(max(_opt_int(obj, "top_logprobs") or 0, 0), 20)
+    else:
+        wanted = _opt_int(obj, "logprobs")
+        if wanted is not None:
+            logprobs_top = min(max(wanted, 0), 20)
     rid = obj.get("rid")
     if rid is not None and not (
         isinstance(rid, str) or (isinstance(rid, list) and all(isinstance(r, str) for r in rid))
@@ -253,6 +263,7 @@ def parse_openai(obj: dict[str, Any], runtime: Runtime, chat: bool, headers: dic
         bootstrap=bootstrap,
         echo=echo,
         semantic_error=semantic,
+        logprobs_top=logprobs_top,
     )
 
 
@@ -365,6 +376,20 @@ class OpenAIHandler:
             except CutConnection:
                 return
 
+    def _logprobs(self, parsed: OpenAIRequest, seq: _Seq) -> dict[str, Any] | None:
+        """Logprobs of the tokens not reported yet (all of them for a non-streamed reply)."""
+        top = parsed.logprobs_top
+        if top is None:
+            return None
+        ids = seq.ids[seq.logprobs_sent :]
+        start = seq.prompt_tokens + seq.logprobs_sent
+        offset = len(seq.prefix) + len(self.runtime.decode(seq.ids[: seq.logprobs_sent]))
+        seq.logprobs_sent = len(seq.ids)
+        tok = self.runtime.tokenizer
+        if self.chat:
+            return chat_logprobs(tok, ids, start, top)
+        return completion_logprobs(tok, ids, start, top, offset)
+
     async def _fail(self, req: HttpRequest, exc: RequestError) -> None:
         if exc.status == 400:
             await req.respond(400, openai_error_body(exc.message, "BadRequest", 400))
@@ -405,7 +430,7 @@ class OpenAIHandler:
                     {
                         "index": i,
                         "message": message,
-                        "logprobs": None,
+                        "logprobs": self._logprobs(parsed, seq),
                         "finish_reason": reason,
                         "matched_stop": matched,
                     }
@@ -415,7 +440,7 @@ class OpenAIHandler:
                     {
                         "index": i,
                         "text": seq.prefix + seq.text,
-                        "logprobs": None,
+                        "logprobs": self._logprobs(parsed, seq),
                         "finish_reason": reason,
                         "matched_stop": matched,
                     }
@@ -492,7 +517,8 @@ class OpenAIHandler:
                 await self._send(exchange, seq, head, index, delta)
             if p.new_text:
                 delta = {"reasoning_content": None, "content": p.new_text}
-                await self._send(exchange, seq, head, index, delta, usage=usage)
+                logprobs = self._logprobs(parsed, seq)
+                await self._send(exchange, seq, head, index, delta, usage=usage, logprobs=logprobs)
             if f is not None:
                 delta = {"reasoning_content": None}
                 await self._send(
@@ -508,7 +534,7 @@ class OpenAIHandler:
         choice = {
             "index": index,
             "text": text,
-            "logprobs": None,
+            "logprobs": self._logprobs(parsed, seq),
             "finish_reason": reason,
             "matched_stop": matched,
         }
@@ -526,11 +552,12 @@ class OpenAIHandler:
         reason: str | None = None,
         matched: int | str | None = None,
         usage: dict[str, Any] | None = None,
+        logprobs: dict[str, Any] | None = None,
     ) -> None:
         choice = {
             "index": index,
             "delta": delta,
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": reason,
             "matched_stop": matched,
         }
@@ -553,6 +580,8 @@ class _Seq:
         "cached_tokens",
         "completion_tokens",
         "finish",
+        "ids",
+        "logprobs_sent",
         "prefix",
         "prefix_sent",
         "prompt_tokens",
@@ -571,8 +600,11 @@ class _Seq:
         self.finish: FinishReason | None = None
         self.role_sent = False
         self.prefix_sent = False
+        self.ids: list[int] = []
+        self.logprobs_sent = 0
 
     def add(self, p: Progress) -> None:
+        self.ids.extend(p.new_ids)
         if p.rollback:
             self.text = self.text[: len(self.text) - p.rollback]
         self.text += p.new_text

@@ -195,6 +195,7 @@ class SimServer:
             "/v1/chat/completions": (frozenset({"POST"}), OpenAIHandler(self.runtime, chat=True)),
             "/v1/completions": (frozenset({"POST"}), OpenAIHandler(self.runtime, chat=False)),
             "/v1/models": (frozenset({"GET"}), info.models),
+            "/v1/embeddings": (frozenset({"POST"}), info.embeddings),
             "/health": (frozenset({"GET"}), info.health),
             "/health_generate": (frozenset({"GET"}), info.health),
             "/get_model_info": (frozenset({"GET"}), info.model_info),

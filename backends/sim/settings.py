@@ -59,6 +59,12 @@ class ServerSettings:
     health_check_timeout_s: float = field(
         default_factory=lambda: _env_float("SGLANG_HEALTH_CHECK_TIMEOUT", 20.0)
     )
+    # SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0: /health answers 200 without running a generate.
+    health_runs_generate: bool = field(
+        default_factory=lambda: (
+            os.environ.get("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", "1").lower() not in ("0", "false")
+        )
+    )
     startup_delay_s: float = 0.0
     seed: int = 0
 

@@ -261,3 +261,19 @@ async def test_flush_cache_refused_while_running(client: httpx.AsyncClient) -> N
     refused = await client.get("/flush_cache")
     assert refused.status_code == 400
     assert (await long).status_code == 200
+
+
+async def test_embeddings_refused_on_a_generation_model(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/embeddings", json={"input": "x"})
+    assert r.status_code == 400
+    assert r.json()["message"].startswith("This model does not appear to be an embedding model by default.")
+
+
+async def test_health_without_generation(start_server: StartServer) -> None:
+    server = await start_server(health_runs_generate=False, dp_size=1)
+    async with httpx.AsyncClient(base_url=server.url) as c:
+        before = (await c.get("/sim/state")).json()["steps"]
+        assert (await c.get("/health")).status_code == 200
+        assert (await c.get("/sim/state")).json()["steps"] == before  # no generate was run
+        assert (await c.get("/health_generate")).status_code == 200
+        assert (await c.get("/sim/state")).json()["steps"] != before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import openai
@@ -185,5 +186,38 @@ async def test_official_openai_client_streaming_and_not(server: SimServer) -> No
         assert [m.id for m in models.data] == [server.settings.model_name]
         with pytest.raises(openai.BadRequestError):
             await client.chat.completions.create(model="default", messages=[], max_tokens=1)
+    finally:
+        await client.close()
+
+
+async def test_logprobs_chat_and_completions(server: SimServer) -> None:
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    try:
+        msgs: Any = [{"role": "user", "content": "logprobs please"}]
+        reply = await client.chat.completions.create(
+            model="default", messages=msgs, max_tokens=4, logprobs=True, top_logprobs=2
+        )
+        content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+        assert content is not None and len(content) == 4
+        assert "".join(c.token for c in content) == reply.choices[0].message.content
+        assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == c.logprob for c in content)
+        stream = await client.chat.completions.create(
+            model="default", messages=msgs, max_tokens=4, logprobs=True, stream=True
+        )
+        streamed = [
+            e.logprob
+            async for chunk in stream
+            if chunk.choices and chunk.choices[0].logprobs
+            for e in (chunk.choices[0].logprobs.content or [])
+        ]
+        assert streamed == [c.logprob for c in content]
+        completion = await client.completions.create(model="default", prompt="abc", max_tokens=3, logprobs=2)
+        lp = completion.choices[0].logprobs
+        assert lp is not None and lp.tokens is not None and len(lp.tokens) == 3
+        assert "".join(lp.tokens) == completion.choices[0].text
+        assert lp.text_offset == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
+        assert lp.top_logprobs is not None and all(len(t) == 2 for t in lp.top_logprobs)
+        plain = await client.chat.completions.create(model="default", messages=msgs, max_tokens=2)
+        assert plain.choices[0].logprobs is None
     finally:
         await client.close()
