@@ -23,11 +23,12 @@ from litestar import Litestar
 
 from gateway.config import GatewayConfig
 from gateway.http import GatewayASGI, Proxy, ProxySettings, RouterLike, build_litestar
+from gateway.pd import PDForwarder, PDSettings, make_pd_forwarder
+from gateway.pd.asgi import PDProxy
 from gateway.registry import Worker, WorkerRegistry, WorkerSpec
-from gateway.routing import Router, make_router, make_store
+from gateway.routing import make_router
 from gateway.telemetry import Telemetry
 from gateway.upstream import DEFAULT_TRANSPORT, Transport, make_transport
-from policies import get_policy
 from policies.types import Role
 
 __all__ = ["RESOLVED_CONFIG_ENV", "Gateway", "RegistryAPI", "app_from_environment", "create_app"]
@@ -35,7 +36,6 @@ __all__ = ["RESOLVED_CONFIG_ENV", "Gateway", "RegistryAPI", "app_from_environmen
 logger = logging.getLogger("cachet.gateway")
 
 RESOLVED_CONFIG_ENV = "CACHET_RESOLVED_CONFIG"
-_DECODE_POLICY = "least_load"
 
 
 class RegistryAPI(Protocol):
@@ -73,10 +73,11 @@ class Gateway:
         registry: RegistryAPI,
         router: RouterLike,
         telemetry: Telemetry | None = None,
-        pd_routers: tuple[RouterLike, RouterLike] | None = None,
+        pd: PDForwarder | None = None,
     ) -> None:
         self.config = config
-        self.pd_routers = pd_routers
+        # Prefill/decode pools (gateway.pd); None: regular workers only.
+        self.pd = pd
         self.transport = transport
         self.registry = registry
         self.router = router
@@ -104,23 +105,19 @@ class Gateway:
             load_interval_s=config.load_interval_s,
         )
         router = make_router(config.policy, registry, redis_url=config.redis_url, seed=config.seed)
-        # PD pools: prefill placement is where the prefix cache lives (the configured policy);
-        # decode servers keep no radix cache by default, so they are chosen by load alone.
-        pd_routers: tuple[RouterLike, RouterLike] = (
-            Router(
-                registry,
-                make_store(config.redis_url),
-                get_policy(config.policy),
-                seed=config.seed,
-                role=Role.PREFILL,
+        pd = make_pd_forwarder(
+            registry,
+            transport,
+            PDSettings(
+                direct_below_tokens=config.pd_direct_below_tokens,
+                fallback_to_regular=config.pd_fallback_to_regular,
+                retries=config.retries,
+                retry_after_s=config.retry_after_s,
+                prefill_timeout_s=config.pd_prefill_timeout_s,
             ),
-            Router(
-                registry,
-                make_store(config.redis_url),
-                get_policy(_DECODE_POLICY),
-                seed=config.seed,
-                role=Role.DECODE,
-            ),
+            redis_url=config.redis_url,
+            seed=config.seed,
+            on_connect_failure=registry.report_failure,
         )
         return cls(
             config,
@@ -128,7 +125,7 @@ class Gateway:
             registry=registry,
             router=router,
             telemetry=Telemetry(otlp_endpoint=config.otlp_endpoint),
-            pd_routers=pd_routers,
+            pd=pd,
         )
 
     def expected_models(self) -> list[str]:
@@ -146,15 +143,13 @@ class Gateway:
         undiscovered = [w for w in self.registry.workers(healthy_only=False) if not w.discovered]
         return ready and not (undiscovered and not self.config.models), healthy
 
-    def _routers(self) -> list[RouterLike]:
-        return [self.router, *(self.pd_routers or ())]
-
     async def start(self) -> None:
         await self.registry.start()
-        for router in self._routers():
-            router_start: Callable[[], Any] | None = getattr(router, "start", None)
-            if router_start is not None:
-                await router_start()
+        router_start: Callable[[], Any] | None = getattr(self.router, "start", None)
+        if router_start is not None:
+            await router_start()
+        if self.pd is not None:
+            await self.pd.start()
         logger.info(
             "gateway ready to route: %d worker(s), models %s, policy %s, state %s",
             len(self.registry.workers(healthy_only=False)),
@@ -168,10 +163,11 @@ class Gateway:
             await self.registry.stop()
         finally:
             try:
-                for router in self._routers():
-                    router_close: Callable[[], Any] | None = getattr(router, "aclose", None)
-                    if router_close is not None:
-                        await router_close()
+                router_close: Callable[[], Any] | None = getattr(self.router, "aclose", None)
+                if router_close is not None:
+                    await router_close()
+                if self.pd is not None:
+                    await self.pd.aclose()
             finally:
                 await self.transport.aclose()
                 self.telemetry.shutdown()
@@ -199,10 +195,19 @@ def create_app(gateway: Gateway) -> GatewayASGI:
             max_body_bytes=config.max_body_bytes, retries=config.retries, retry_after_s=config.retry_after_s
         ),
         on_connect_failure=report_failure,
-        pd_routers=gateway.pd_routers,
-        seed=config.seed,
     )
-    return GatewayASGI(proxy, build_litestar(gateway, lifespan=lifespan))
+    front: Proxy | PDProxy = proxy
+    if gateway.pd is not None:
+        # PD pools in front of the regular path: a request for a model without pools (or any
+        # request while no PD server is registered) goes straight through to the proxy.
+        front = PDProxy(
+            proxy,
+            gateway.pd,
+            models=gateway.registry.models,
+            telemetry=gateway.telemetry,
+            max_body_bytes=config.max_body_bytes,
+        )
+    return GatewayASGI(front, build_litestar(gateway, lifespan=lifespan))
 
 
 def app_from_environment() -> GatewayASGI:

@@ -74,6 +74,12 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
     health_fail_threshold: int = 3
     health_recover_threshold: int = 2
     load_interval_s: float = 1.0
+    # PD pools (gateway.pd): skip the prefill hop when fewer uncached prompt tokens than this would
+    # be prefilled (a regular worker of the model serves it; 0 = always disaggregate), serve on
+    # regular workers when a pool is down, and the longest wait for the prefill's answer.
+    pd_direct_below_tokens: int = 0
+    pd_fallback_to_regular: bool = False
+    pd_prefill_timeout_s: float = 120.0
     otlp_endpoint: str | None = None
     # When set, /admin requires "Authorization: Bearer <admin_token>".
     admin_token: str | None = None
@@ -90,6 +96,7 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
             "keepalive_expiry_s": self.keepalive_expiry_s,
             "health_interval_s": self.health_interval_s,
             "load_interval_s": self.load_interval_s,
+            "pd_prefill_timeout_s": self.pd_prefill_timeout_s,
             "max_body_bytes": self.max_body_bytes,
             "max_connections": self.max_connections,
             "health_fail_threshold": self.health_fail_threshold,
@@ -98,6 +105,8 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{name} must be > 0, got {value}")
+        if self.pd_direct_below_tokens < 0:
+            raise ConfigError(f"pd_direct_below_tokens must be >= 0, got {self.pd_direct_below_tokens}")
         if self.retries < 0:
             raise ConfigError(f"retries must be >= 0, got {self.retries}")
         if self.retry_after_s < 0:

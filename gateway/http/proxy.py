@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +27,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from backends.sglang import bootstrap_for, shape_pd_requests, shape_request
+from backends.sglang import shape_request
 from gateway.errors import (
     GatewayError,
     internal_error,
@@ -119,20 +118,10 @@ class _Exchange:
 class _UpstreamFailed(Exception):
     """One attempt failed before the client saw a byte; another server may be tried."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        timeout: bool = False,
-        status: int | None = None,
-        server: str = "",
-        role: str = "regular",
-    ) -> None:
+    def __init__(self, message: str, *, timeout: bool = False, status: int | None = None) -> None:
         super().__init__(message)
         self.timeout = timeout
         self.status = status
-        self.server = server
-        self.role = role
 
 
 def _response_headers(
@@ -167,15 +156,10 @@ class Proxy:
         settings: ProxySettings | None = None,
         clock: Callable[[], float] = time.perf_counter,
         on_connect_failure: Callable[[str], None] | None = None,
-        pd_routers: tuple[RouterLike, RouterLike] | None = None,
-        seed: int | None = None,
     ) -> None:
         """``on_connect_failure(url)`` hears of every server that could not be reached (the
-        registry counts it toward taking the server out before its next health check).
-        ``pd_routers`` = (prefill router, decode router) serve a model that has no regular server."""
+        registry counts it toward taking the server out before its next health check)."""
         self._on_connect_failure = on_connect_failure
-        self._pd_routers = pd_routers
-        self._rng = random.Random(seed)
         self._router = router
         self._transport = transport
         self._models = models
@@ -286,19 +270,6 @@ class Proxy:
                 except NoHealthyWorker:
                     if failure is not None:
                         break
-                    if self._pd_routers is not None:
-                        # No regular server: a disaggregated prefill/decode pool may serve the model.
-                        await self._pd_exchange(
-                            endpoint=endpoint,
-                            request=request,
-                            body=body,
-                            headers=headers,
-                            batch=batch,
-                            send=send,
-                            exchange=exchange,
-                            span=span,
-                        )
-                        return
                     raise no_healthy_worker(request.model, self._settings.retry_after_s) from None
                 span.set(
                     worker=route.worker.url,
@@ -402,206 +373,6 @@ class Proxy:
                 await self._router.finish(route, outcome)
             except Exception:
                 logger.exception("router.finish failed for %s", worker.url)
-
-    async def _pd_exchange(
-        self,
-        *,
-        endpoint: Endpoint,
-        request: RoutingRequest,
-        body: bytes,
-        headers: list[tuple[str, str]],
-        batch: bool,
-        send: Send,
-        exchange: _Exchange,
-        span: RequestSpan,
-    ) -> None:
-        """Prefill/decode exchanges until one serves the request: a prefill or decode server that fails
-        before the client's first byte is excluded and the pair chosen again (at most ``retries``)."""
-        excluded: dict[str, frozenset[str]] = {"prefill": frozenset(), "decode": frozenset()}
-        failure: _UpstreamFailed | None = None
-        for _attempt in range(self._settings.retries + 1):
-            try:
-                await self._pd_attempt(
-                    endpoint=endpoint,
-                    request=request,
-                    body=body,
-                    headers=headers,
-                    batch=batch,
-                    send=send,
-                    exchange=exchange,
-                    span=span,
-                    excluded=excluded,
-                )
-                return
-            except NoHealthyWorker:
-                if failure is None:
-                    raise no_healthy_worker(request.model, self._settings.retry_after_s) from None
-                break
-            except _UpstreamFailed as exc:
-                logger.warning("%s server %s failed before the first byte: %s", exc.role, exc.server, exc)
-                failure = exc
-                excluded[exc.role] = excluded[exc.role] | {exc.server}
-        assert failure is not None
-        raise upstream_failed(
-            f"No prefill/decode pair could serve the request: {failure}", timeout=failure.timeout
-        )
-
-    async def _pd_attempt(
-        self,
-        *,
-        endpoint: Endpoint,
-        request: RoutingRequest,
-        body: bytes,
-        headers: list[tuple[str, str]],
-        batch: bool,
-        send: Send,
-        exchange: _Exchange,
-        span: RequestSpan,
-        excluded: dict[str, frozenset[str]],
-    ) -> None:
-        """One prefill/decode exchange: the same body to both, paired by bootstrap fields; the
-        decode's response is the client's. Raises _UpstreamFailed (with the server to exclude) for a
-        failure before the client's first byte, NoHealthyWorker when no pair is left."""
-        assert self._pd_routers is not None
-        prefill_router, decode_router = self._pd_routers
-        prefill = await prefill_router.route(
-            msgspec.structs.replace(request, exclude=excluded["prefill"]) if excluded["prefill"] else request
-        )
-        prefill_outcome = Outcome(ok=False)
-        decode_outcome = Outcome(ok=False)
-        decode: Route[Any] | None = None
-        pending: list[asyncio.Task[UpstreamResponse]] = []
-        responses: list[UpstreamResponse] = []
-        began = self._clock()
-        try:
-            decode = await decode_router.route(
-                msgspec.structs.replace(request, exclude=excluded["decode"])
-                if excluded["decode"]
-                else request
-            )
-            span.set(worker=decode.worker.url, dp_rank=decode.dp_rank, prefill_worker=prefill.worker.url)
-            source = request.input_ids if request.input_ids is not None else request.text
-            bootstrap = bootstrap_for(
-                prefill.worker,
-                self._rng,
-                batch_size=len(source) if batch and isinstance(source, list) else None,
-            )
-            shaped = shape_pd_requests(
-                endpoint=endpoint.name,
-                body=body,
-                headers=headers,
-                bootstrap=bootstrap,
-                prefill=prefill.worker,
-                prefill_dp_rank=None if batch else prefill.dp_rank,
-                decode=decode.worker,
-                decode_dp_rank=None if batch else decode.dp_rank,
-                batch=batch,
-            )
-            loop = asyncio.get_running_loop()
-            prefill_url = prefill.worker.url.rstrip("/") + endpoint.path
-            decode_url = decode.worker.url.rstrip("/") + endpoint.path
-            prefill_task = loop.create_task(
-                self._transport.send(
-                    UpstreamRequest("POST", prefill_url, shaped.prefill_headers, shaped.prefill_body)
-                )
-            )
-            decode_task = loop.create_task(
-                self._transport.send(
-                    UpstreamRequest("POST", decode_url, shaped.decode_headers, shaped.decode_body)
-                )
-            )
-            pending = [prefill_task, decode_task]
-            try:
-                prefill_response = await prefill_task
-                responses.append(prefill_response)
-                prefill_body = await prefill_response.aread()
-            except UpstreamError as exc:
-                if isinstance(exc, UpstreamConnectError) and self._on_connect_failure is not None:
-                    self._on_connect_failure(prefill.worker.url)
-                raise _UpstreamFailed(
-                    f"prefill server {prefill.worker.url}: {type(exc).__name__}: {exc}",
-                    timeout=isinstance(exc, UpstreamTimeout),
-                    server=prefill.worker.url,
-                    role="prefill",
-                ) from exc
-            if prefill_response.status >= 400:
-                detail = prefill_body[:300].decode("utf-8", "replace")
-                if prefill_response.status < 500:
-                    raise GatewayError(
-                        prefill_response.status, detail, "invalid_request_error", code=prefill_response.status
-                    )
-                raise _UpstreamFailed(
-                    f"prefill server {prefill.worker.url} answered {prefill_response.status}: {detail}",
-                    status=prefill_response.status,
-                    server=prefill.worker.url,
-                    role="prefill",
-                )
-            usage = usage_from_body(prefill_body)
-            prefill_outcome = Outcome(
-                ok=True,
-                prompt_tokens=usage.prompt_tokens,
-                cached_tokens=usage.cached_tokens,
-                e2e_s=self._clock() - began,
-            )
-            try:
-                decode_response = await decode_task
-            except UpstreamError as exc:
-                if isinstance(exc, UpstreamConnectError) and self._on_connect_failure is not None:
-                    self._on_connect_failure(decode.worker.url)
-                raise _UpstreamFailed(
-                    f"decode server {decode.worker.url}: {type(exc).__name__}: {exc}",
-                    timeout=isinstance(exc, UpstreamTimeout),
-                    server=decode.worker.url,
-                    role="decode",
-                ) from exc
-            responses.append(decode_response)
-            if decode_response.status >= 500:
-                detail = await _error_detail(decode_response)
-                raise _UpstreamFailed(
-                    f"decode server {decode.worker.url} answered {decode_response.status}: {detail}",
-                    status=decode_response.status,
-                    server=decode.worker.url,
-                    role="decode",
-                )
-            receipt = [
-                *decode.receipt_headers,
-                ("x-cachet-prefill-worker", prefill.worker.url),
-                ("x-cachet-prefill-dp-rank", str(prefill.decision.target.dp_rank)),
-                ("x-cachet-prefill-cached-tokens", str(prefill.decision.predicted_cached_tokens)),
-            ]
-            forward = (
-                self._forward_whole
-                if decode_response.status >= 400 or not _is_event_stream(decode_response)
-                else self._forward_stream
-            )
-            try:
-                decode_outcome = await forward(
-                    response=decode_response,
-                    worker_url=decode.worker.url,
-                    receipt=receipt,
-                    send=send,
-                    exchange=exchange,
-                    began=began,
-                    span=span,
-                )
-            except _UpstreamFailed as exc:
-                exc.server, exc.role = decode.worker.url, "decode"
-                raise
-        finally:
-            for task in pending:
-                if not task.done():
-                    task.cancel()
-                elif not task.cancelled() and task.exception() is None and task.result() not in responses:
-                    responses.append(task.result())
-            for response in responses:
-                await response.aclose()
-            for route, outcome in ((prefill, prefill_outcome), (decode, decode_outcome)):
-                if route is None:
-                    continue
-                try:
-                    await (prefill_router if route is prefill else decode_router).finish(route, outcome)
-                except Exception:
-                    logger.exception("router.finish failed for %s", route.worker.url)
 
     async def _forward_whole(
         self,

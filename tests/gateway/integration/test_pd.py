@@ -146,7 +146,7 @@ def test_prefill_pool_failure_is_an_openai_error_not_a_hang(
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as caught:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4)
-    assert caught.value.status_code == 502
+    assert caught.value.status_code in (502, 503)  # 503: every prefill server said its queue is full
     assert time.monotonic() - started < 10
     body = caught.value.response.json()
     assert set(body["error"]) == {"message", "type", "param", "code"}
