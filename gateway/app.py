@@ -138,10 +138,9 @@ class Gateway:
         """(ready, healthy workers per expected model)."""
         expected = self.expected_models()
         healthy = {model: len(self.registry.workers(model=model, healthy_only=True)) for model in expected}
-        ready = bool(expected) and all(count > 0 for count in healthy.values())
-        # Configured servers not yet discovered serve a model we cannot name yet: not ready.
-        undiscovered = [w for w in self.registry.workers(healthy_only=False) if not w.discovered]
-        return ready and not (undiscovered and not self.config.models), healthy
+        # A server that was never reached names no model: it cannot hold readiness back (one dead
+        # server out of ten must not take the whole gateway out of its load balancer).
+        return bool(expected) and all(count > 0 for count in healthy.values()), healthy
 
     async def start(self) -> None:
         await self.registry.start()

@@ -160,10 +160,8 @@ def build_litestar(
         missing = [model for model, count in healthy.items() if count == 0]
         if missing:
             reason = f"no healthy worker for model(s) {', '.join(missing)}"
-        elif not healthy:
-            reason = "no worker is configured or discovered yet"
         else:
-            reason = "configured workers are still being discovered"
+            reason = "no worker has been reached yet, so no model is known"
         return _error(
             GatewayError(
                 503,

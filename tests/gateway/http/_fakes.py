@@ -62,7 +62,8 @@ class FakeRegistry:
         ]
 
     def models(self) -> list[str]:
-        return sorted({w.model for w in self.items.values()})
+        # Like WorkerRegistry: a server never reached names no model.
+        return sorted({w.model for w in self.items.values() if w.discovered})
 
     def reported_load(self, target: TargetKey) -> Any:
         return None

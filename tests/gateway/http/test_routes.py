@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gateway.registry import Worker
 from tests.gateway.http._fakes import MODEL, FakeResponse, Harness, worker
 
 A = "http://10.0.0.1:30000"
@@ -30,6 +31,15 @@ async def test_readiness_needs_a_healthy_worker_per_model() -> None:
         ready = await client.get("/readiness")
     assert ready.status_code == 200
     assert ready.json()["healthy_workers"] == {MODEL: 1, R1: 1}
+
+
+async def test_an_unreachable_server_does_not_hold_readiness_back() -> None:
+    unreachable = Worker(url=B)  # never discovered: no model, not healthy
+    harness = Harness([worker(A), unreachable], ok)
+    async with harness.client() as client:
+        assert (await client.get("/readiness")).status_code == 200
+        models = (await client.get("/v1/models")).json()["data"]
+    assert [m["id"] for m in models] == [MODEL]
 
 
 async def test_readiness_waits_for_configured_models() -> None:
