@@ -31,6 +31,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("--max-running-requests", type=int, default=None)
     add("--max-total-tokens", type=int, default=None)
     add("--chunked-prefill-size", type=int, default=None)
+    add("--max-prefill-tokens", type=int, default=None)
+    add("--disable-radix-cache", action="store_true")
     add("--context-length", type=int, default=163840)
     add("--rtt-ms", type=float, default=None, help="network RTT between the nodes of one TP group")
     add("--api-key", default=None)
@@ -77,6 +79,8 @@ def _settings(args: argparse.Namespace, **overrides: object) -> ServerSettings:
         "max_running_requests": args.max_running_requests,
         "max_total_num_tokens": args.max_total_tokens,
         "chunked_prefill_size": args.chunked_prefill_size,
+        "max_prefill_tokens": args.max_prefill_tokens,
+        "disable_radix_cache": args.disable_radix_cache,
         "context_length": args.context_length,
         "rtt_ms": args.rtt_ms,
         "api_key": args.api_key,

@@ -120,7 +120,7 @@ class InfoHandlers:
             "speculative_num_steps": 1 if s.mtp else None,
             "speculative_eagle_topk": 1 if s.mtp else None,
             "speculative_num_draft_tokens": 2 if s.mtp else None,
-            "disable_radix_cache": False,
+            "disable_radix_cache": s.disable_radix_cache,
             "radix_eviction_policy": "lru",
             "disaggregation_mode": mode,
             "disaggregation_transfer_backend": "mooncake",

@@ -22,7 +22,7 @@ from backends.sim.errors import (
 )
 from backends.sim.logprobs import LogprobRequest, input_logprobs, output_logprobs
 from backends.sim.params import parse_sampling
-from backends.sim.runtime import Bootstrap, GenerationInput, Progress, RequestError, Runtime
+from backends.sim.runtime import Bootstrap, GenerationInput, Progress, RequestError, Runtime, Timing
 from backends.sim.session import CutConnection, Exchange, merge_generations
 
 
@@ -260,6 +260,7 @@ class GenerateHandler:
         self._dp_reported = runtime.dp_size > 1
         self._structured_errors = runtime.version.structured_stream_errors
         self._speculative = runtime.settings.mtp
+        self._metrics = runtime.settings.enable_metrics
 
     def meta_info(self, out: _Output, p: Progress, stamp: bool) -> dict[str, Any]:
         finish = p.finish.to_sglang() if p.finish is not None else None
@@ -280,6 +281,8 @@ class GenerateHandler:
             "weight_version": "default",
             "num_retractions": 0,
         }
+        if self._metrics and p.timing is not None:
+            _add_timing(meta, p.timing, p.completion_tokens)
         if out.logprobs is not None:
             self._add_logprobs(meta, out)
         if self._speculative:
@@ -489,3 +492,18 @@ def _nth(value: Any, i: int) -> Any:
     if isinstance(value, list):
         return value[i] if i < len(value) else None
     return value
+
+
+def _add_timing(meta: dict[str, Any], t: Timing, completion_tokens: int) -> None:
+    """--enable-metrics' request timing (observability/req_time_stats.py), as far as it is known yet."""
+    if t.scheduled is not None:
+        meta["queue_time"] = t.scheduled - t.received
+        meta["forward_entry_time"] = t.scheduled
+    if t.first_token is not None:
+        meta["prefill_finished_time"] = t.first_token
+    meta["request_received_ts"] = t.received
+    meta["api_server_dispatch_finish_ts"] = t.received
+    if t.finished is not None:
+        meta["request_finished_ts"] = t.finished
+        if t.first_token is not None and t.finished > t.first_token and completion_tokens > 1:
+            meta["decode_throughput"] = (completion_tokens - 1) / (t.finished - t.first_token)

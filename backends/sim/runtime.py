@@ -72,6 +72,17 @@ class Progress:
     finish: FinishReason | None = None
     # A stop string that straddles chunks: this many characters of text already handed out must go.
     rollback: int = 0
+    timing: Timing | None = None
+
+
+@dataclass(slots=True)
+class Timing:
+    """Wall-clock (time.time()) milestones of one request, for --enable-metrics' meta_info fields."""
+
+    received: float
+    scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
 
 
 @dataclass(slots=True)
@@ -79,6 +90,7 @@ class _Tracking:
     driver: RankDriver
     handle: RequestHandle
     arrived: float
+    timing: Timing
     first_token_at: float | None = None
     last_token_at: float | None = None
     stopped: bool = False
@@ -104,6 +116,8 @@ class Runtime:
             rtt_ms=s.rtt_ms,
             disaggregation_mode=s.disaggregation_mode,
             seed=s.seed,
+            max_prefill_tokens=s.max_prefill_tokens,
+            disable_radix_cache=s.disable_radix_cache,
         )
         self.engine = ServerEngine(self.engine_config)
         self.dp_size: int = self.engine.dp_size
@@ -238,6 +252,7 @@ class Runtime:
     async def generate(self, item: GenerationInput) -> AsyncIterator[Progress]:
         """Run one sequence; yields once per delivered batch of tokens, the last one carries `finish`."""
         arrived = time.perf_counter()
+        timing = Timing(received=time.time())
         rank = self._pick_rank(item)
         driver = self.drivers[rank]
         prefilled = await self._admit_cancellably(item)
@@ -253,7 +268,7 @@ class Runtime:
             prefilled=prefilled,
         )
         handle = driver.submit(request)
-        tracking = _Tracking(driver=driver, handle=handle, arrived=arrived)
+        tracking = _Tracking(driver=driver, handle=handle, arrived=arrived, timing=timing)
         self._inflight[item.rid] = tracking
         if item.log_metrics:
             self.metrics.request_started()
@@ -297,6 +312,8 @@ class Runtime:
                     # PD decode: the engine emits the prefill's first token itself once the KV has "arrived".
                     new_ids.extend(event.token_ids)
                 elif isinstance(event, RequestScheduled):
+                    if tracking.timing.scheduled is None:
+                        tracking.timing.scheduled = time.time()
                     if prefilled is None:
                         cached_tokens = event.cached_tokens
                     prompt_tokens = event.prompt_tokens or prompt_tokens
@@ -323,6 +340,7 @@ class Runtime:
                 now = time.perf_counter()
                 if tracking.first_token_at is None:
                     tracking.first_token_at = now
+                    tracking.timing.first_token = time.time()
                     if item.log_metrics:
                         self.metrics.observe_ttft(now - tracking.arrived)
                 elif item.log_metrics and tracking.last_token_at is not None:
@@ -333,10 +351,19 @@ class Runtime:
             if not new_ids and finish is None:
                 continue
             if finish is not None:
+                tracking.timing.finished = time.time()
                 # SGLang's prefill answers only once the KV has been handed over.
                 self._pd_publish(item, finish, new_ids, prompt_tokens, cached_tokens)
             yield Progress(
-                new_ids, new_text, prompt_tokens, cached_tokens, completion, handle.dp_rank, finish, rollback
+                new_ids,
+                new_text,
+                prompt_tokens,
+                cached_tokens,
+                completion,
+                handle.dp_rank,
+                finish,
+                rollback,
+                tracking.timing,
             )
             if finish is not None:
                 return

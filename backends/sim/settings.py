@@ -44,6 +44,8 @@ class ServerSettings:
     max_running_requests: int | None = None
     max_total_num_tokens: int | None = None
     chunked_prefill_size: int | None = None
+    max_prefill_tokens: int | None = None
+    disable_radix_cache: bool = False
     context_length: int = 163840
     rtt_ms: float | None = None
     api_key: str | None = None

@@ -277,3 +277,28 @@ async def test_health_without_generation(start_server: StartServer) -> None:
         assert (await c.get("/sim/state")).json()["steps"] == before  # no generate was run
         assert (await c.get("/health_generate")).status_code == 200
         assert (await c.get("/sim/state")).json()["steps"] != before
+
+
+async def test_enable_metrics_adds_request_timing(client: httpx.AsyncClient) -> None:
+    meta = (
+        await client.post("/generate", json={"text": "timing", "sampling_params": {"max_new_tokens": 4}})
+    ).json()["meta_info"]
+    for key in (
+        "queue_time",
+        "forward_entry_time",
+        "prefill_finished_time",
+        "request_received_ts",
+        "request_finished_ts",
+        "decode_throughput",
+    ):
+        assert key in meta, key
+    assert meta["request_received_ts"] <= meta["forward_entry_time"] <= meta["request_finished_ts"]
+
+
+async def test_disable_radix_cache(start_server: StartServer) -> None:
+    server = await start_server(disable_radix_cache=True, dp_size=1)
+    prompt = {"text": "same prompt " * 30, "sampling_params": {"max_new_tokens": 1}}
+    async with httpx.AsyncClient(base_url=server.url) as c:
+        for _ in range(2):
+            assert (await c.post("/generate", json=prompt)).json()["meta_info"]["cached_tokens"] == 0
+        assert (await c.get("/server_info")).json()["disable_radix_cache"] is True
