@@ -28,10 +28,12 @@ META_KEYS = [
 ]
 
 
-async def test_single_non_streaming_shape_and_headers(client: httpx.AsyncClient) -> None:
-    r = await client.post(
-        "/generate", json={"text": "The capital of France is", "sampling_params": {"max_new_tokens": 4}}
-    )
+async def test_single_non_streaming_shape_and_headers(start_server: StartServer) -> None:
+    server = await start_server(dp_size=2)  # no --enable-metrics: its timing keys would join meta_info
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        r = await client.post(
+            "/generate", json={"text": "The capital of France is", "sampling_params": {"max_new_tokens": 4}}
+        )
     assert r.status_code == 200
     assert r.headers["content-type"] == "application/json"
     assert r.headers["server"] == "uvicorn"
