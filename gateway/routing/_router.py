@@ -431,7 +431,9 @@ class Router(Generic[W]):
             raise NoHealthyWorker(str(exc)) from exc
         self._sequence[model] = sequence + 1
 
-        by_key = {k: targets[position[k]] for k in (decision.target, *decision.alternatives) if k in position}
+        # Fallbacks matter only when another process may take the first choice meanwhile.
+        ranked = (decision.target, *decision.alternatives) if self.store.shared else (decision.target,)
+        by_key = {k: targets[position[k]] for k in ranked if k in position}
         choices = [Choice(k, view.inflight_requests) for k, view in by_key.items()]
         # Recency stamps of the blocks the first choice holds, before this request refreshes them:
         # finish() reads them to tell what the server must have evicted if it reports a shorter hit.

@@ -110,6 +110,9 @@ class StateStore(Protocol):
     in-flight leases (reserved and released asynchronously, atomically across gateway replicas)."""
 
     name: str
+    # True when other gateway processes reserve on the same targets (so a reservation can find its
+    # first choice taken and needs fallbacks); False for a store only this process writes.
+    shared: bool
 
     async def start(self) -> None: ...
 

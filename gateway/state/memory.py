@@ -29,6 +29,7 @@ class MemoryStore:
     between, which on one event loop is atomic."""
 
     name = "memory"
+    shared = False
 
     def __init__(
         self,

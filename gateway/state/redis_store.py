@@ -112,6 +112,7 @@ class _Shared:
 
 class RedisStore:
     name = "redis"
+    shared = True
 
     def __init__(
         self,
