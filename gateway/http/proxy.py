@@ -186,6 +186,10 @@ class Proxy:
             return
         except ClientGone:
             return
+        except Exception as exc:  # a bug before routing still gets an OpenAI-shaped answer
+            logger.exception("unexpected error while reading a request to %s", scope["path"])
+            await send_error(send, internal_error(exc))
+            return
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.get_running_loop().create_task(self._watch(receive, exchange, task))

@@ -207,6 +207,18 @@ async def test_catch_all_answers_openai_shaped_500_on_any_bug() -> None:
     assert_openai_error(reply, 500, "internal_error")
 
 
+async def test_catch_all_before_routing() -> None:
+    gateway = harness()
+
+    def broken() -> list[str]:
+        raise RuntimeError("registry bug")
+
+    gateway.app.proxy._models = broken
+    async with gateway.client() as client:
+        reply = await client.post("/generate", content=b'{"text": "no model given"}')
+    assert_openai_error(reply, 500, "internal_error")
+
+
 async def test_catch_all_on_litestar_routes() -> None:
     gateway = harness()
     gateway.router.inner.recent_decisions = ExplodingRouter().recent_decisions
