@@ -6,10 +6,11 @@ Handlers turn a request body into `GenerationInput`s, then iterate `Runtime.gene
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 from backends.sim.driver import Event, RankDriver, RequestHandle
@@ -129,6 +130,7 @@ class Runtime:
         self._rng = random.Random(s.seed)
         self._inflight: dict[str, _Tracking] = {}
         self._admitting: dict[str, asyncio.Event] = {}
+        self._output_waiters: list[asyncio.Future[None]] = []
         self.drivers: list[RankDriver] = []
         self.ready = False
         self.started_at = time.time()
@@ -143,6 +145,7 @@ class Runtime:
                 i,
                 time_scale=s.time_scale,
                 slowdown=lambda: self.faults.slowdown,
+                on_events=self._on_output,
             )
             for i, rank in enumerate(self.engine.ranks)
         ]
@@ -249,7 +252,7 @@ class Runtime:
             return item.bootstrap.room % self.dp_size  # follow_bootstrap_room
         return self.engine.pick_rank()
 
-    async def generate(self, item: GenerationInput) -> AsyncIterator[Progress]:
+    async def generate(self, item: GenerationInput) -> AsyncGenerator[Progress, None]:
         """Run one sequence; yields once per delivered batch of tokens, the last one carries `finish`."""
         arrived = time.perf_counter()
         timing = Timing(received=time.time())
@@ -477,8 +480,17 @@ class Runtime:
 
     # ---- health ----------------------------------------------------------------------------------------
 
+    def _on_output(self, dp_rank: int, events: list[Event]) -> None:
+        waiters = self._output_waiters
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            waiters.clear()
+
     async def probe(self, timeout_s: float) -> bool:
-        """SGLang's health check: one 1-token generate of input_ids=[0] must produce output in time."""
+        """SGLang's health check: a 1-token generate of input_ids=[0] is sent, and the server counts as
+        healthy as soon as any scheduler output arrives (for it or any other request) within the timeout."""
         if self.faults.hang:
             await asyncio.sleep(timeout_s)
             return False
@@ -494,14 +506,26 @@ class Runtime:
         )
 
         async def run() -> bool:
-            async for _ in self.generate(item):
-                return True
+            async with contextlib.aclosing(self.generate(item)) as outputs:
+                async for _ in outputs:
+                    return True
             return False
 
+        any_output: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._output_waiters.append(any_output)
+        own = asyncio.ensure_future(run())
         try:
-            return await asyncio.wait_for(run(), timeout_s)
-        except (TimeoutError, RequestError):
-            return False
+            await asyncio.wait((own, any_output), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if own.done():
+                return own.exception() is None and own.result()
+            return any_output.done()
+        finally:
+            if any_output in self._output_waiters:
+                self._output_waiters.remove(any_output)
+            if not own.done():
+                own.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await own
 
 
 def _find_stop(text: str, stops: tuple[str, ...], searched_upto: int) -> tuple[int, str] | None:

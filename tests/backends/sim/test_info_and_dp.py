@@ -302,3 +302,18 @@ async def test_disable_radix_cache(start_server: StartServer) -> None:
         for _ in range(2):
             assert (await c.post("/generate", json=prompt)).json()["meta_info"]["cached_tokens"] == 0
         assert (await c.get("/server_info")).json()["disable_radix_cache"] is True
+
+
+async def test_health_counts_any_scheduler_output_like_sglang(start_server: StartServer) -> None:
+    # One running slot, busy for seconds: the probe's own request cannot run within its 0.3 s, but the
+    # running request's tokens are scheduler output, which is all SGLang's health check waits for.
+    server = await start_server(
+        dp_size=1, max_running_requests=1, health_check_timeout_s=0.3, time_scale=0.01
+    )
+    long = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+        busy = [asyncio.create_task(c.post("/generate", json=long)) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        assert (await c.get("/health")).status_code == 200
+        await c.post("/abort_request", json={"abort_all": True})
+        await asyncio.gather(*busy)
