@@ -31,7 +31,9 @@ from gateway.pd._rooms import RoomAllocator
 from gateway.pd._settings import PDSettings
 from gateway.pd._shape import RequestShape, request_shape
 from gateway.registry import Worker, WorkerSpec
-from gateway.routing import RegistryLike, Router, make_store
+from gateway.routing import RegistryLike, Router
+from gateway.state import MemoryStore, StateStore
+from gateway.state.redis_store import RedisStore
 from gateway.upstream import Transport
 from policies.decode_load import DecodeLoad
 from policies.prefix_aware import PrefixAware
@@ -68,7 +70,7 @@ def make_pd_forwarder(
     mode = cast(Literal["least", "power_of_two"], settings.decode_mode)
     prefill_router = Router(
         registry,
-        make_store(redis_url, lease_ttl_s=lease_ttl_s),
+        _store(redis_url, lease_ttl_s, Role.PREFILL),
         PrefixAware(),
         seed=seed,
         role=Role.PREFILL,
@@ -76,7 +78,7 @@ def make_pd_forwarder(
     )
     decode_router = Router(
         registry,
-        make_store(redis_url, lease_ttl_s=lease_ttl_s),
+        _store(redis_url, lease_ttl_s, Role.DECODE),
         DecodeLoad(mode=mode, kv_high=settings.decode_kv_high),
         seed=None if seed is None else seed + 1,
         role=Role.DECODE,
@@ -90,6 +92,14 @@ def make_pd_forwarder(
         settings=settings,
         on_connect_failure=on_connect_failure,
     )
+
+
+def _store(redis_url: str | None, lease_ttl_s: float, role: Role) -> StateStore:
+    """Each PD router keeps its own state; in Redis under its own key prefix, so the prefill index
+    and the decode leases never mix with each other or with the regular router's."""
+    if redis_url is None:
+        return MemoryStore(lease_ttl_s=lease_ttl_s)
+    return RedisStore(redis_url, lease_ttl_s=lease_ttl_s, key_prefix=f"cachet:pd-{role.value}")
 
 
 def pd_worker_specs(prefill: Sequence[Sequence[str]], decode: Sequence[str]) -> list[WorkerSpec]:

@@ -8,10 +8,11 @@ from typing import Any
 
 import msgspec
 import pytest
+import redis.asyncio as aioredis
 
 from gateway.errors import GatewayError
 from gateway.http._views import CHAT, COMPLETION, GENERATE, Endpoint, decode_view
-from gateway.pd import PDForwarder, PDSettings
+from gateway.pd import PDForwarder, PDSettings, make_pd_forwarder
 from policies.types import Role
 
 CLIENT_HEADERS = [("content-type", "application/json")]
@@ -320,3 +321,31 @@ async def test_a_stream_without_a_first_byte_after_the_prefill_answered_is_given
     assert "decode server" in raised.value.message
     await asyncio.sleep(0.1)
     assert len(cluster.decode[0].cancelled_at) == 1
+
+
+async def test_replicas_share_pd_state_in_redis_under_their_own_prefixes(
+    pd_cluster: Any, redis_server: str
+) -> None:
+    cluster = await pd_cluster(prefill=2, decode=2)
+    body = {**CHAT_BODY, "messages": [{"role": "user", "content": "a long shared question " * 60}]}
+    replicas = [
+        make_pd_forwarder(cluster.registry, cluster.transport, redis_url=redis_server, seed=i)
+        for i in range(2)
+    ]
+    try:
+        for i in range(6):
+            client = cluster.client()
+            assert await forward(replicas[i % 2], CHAT, body, client)
+            assert client.status == 200
+        # The same prompt keeps landing on the prefill that cached it, whichever replica routes it.
+        assert sorted(len(p.received) for p in cluster.prefill) == [0, 6]
+        connection = aioredis.from_url(redis_server)
+        keys = [key.decode() for key in await connection.keys("*")]
+        await connection.aclose()
+        # Redis Cluster hash tags: {prefix:model}:...
+        assert any(key.startswith("{cachet:pd-prefill:") for key in keys)
+        assert any(key.startswith("{cachet:pd-decode:") for key in keys)
+        assert all(key.startswith(("{cachet:pd-prefill:", "{cachet:pd-decode:")) for key in keys)
+    finally:
+        for replica in replicas:
+            await replica.aclose()
