@@ -41,6 +41,7 @@ from loadtests.workloads.request import BenchRequest
 from loadtests.workloads.shared_prefix import generated_shared_prefix
 
 MODEL = "deepseek-ai/DeepSeek-V3"
+_PD_SYSTEMS = frozenset({"cachet-pd", "cachet-pd-direct", "sglang-router-pd"})
 
 
 @contextlib.asynccontextmanager
@@ -154,37 +155,48 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             f"sglang-router regular ({args.nodes} nodes)", peer.url, workload, args.timeout
                         )
                     )
-    if systems & {"cachet-pd", "sglang-router-pd", "cachet-pd-direct"}:
+    pd_systems = [name for name in args.systems.split(",") if name in _PD_SYSTEMS]
+    if pd_systems:
         half = args.prefill_nodes if args.prefill_nodes is not None else args.nodes // 2
-        if not 0 < half < args.nodes:
-            raise SystemExit("--prefill-nodes must leave at least one prefill and one decode node")
-        extra = [*common, "--prefill", str(half), "--decode", str(args.nodes - half)]
-        regular_nodes = 0
+        if not 0 < half < args.nodes - args.mixed_regular:
+            raise SystemExit(
+                "--prefill-nodes/--mixed-regular must leave at least one prefill and one decode node"
+            )
+        decode_nodes = args.nodes - args.mixed_regular - half
+        extra = [*common, "--prefill", str(half), "--decode", str(decode_nodes)]
         async with run_sim_cluster(
-            log_dir, servers=regular_nodes, dp_size=1, time_scale=args.time_scale, extra=extra
+            log_dir, servers=args.mixed_regular, dp_size=1, time_scale=args.time_scale, extra=extra
         ) as servers:
             prefill = [s for s in servers if s.role == "prefill"]
             decode = [s.url for s in servers if s.role == "decode"]
+            regular = [s.url for s in servers if s.role == "regular"]
             urls = [s.url for s in servers]
-            label = f"{len(prefill)}P+{len(decode)}D"
-            if "cachet-pd" in systems:
+            label = f"{len(regular)}R+" if regular else ""
+            label += f"{len(prefill)}P+{len(decode)}D"
+            for name in pd_systems:
                 await flush_caches(urls)
-                async with run_cachet(
-                    log_dir, regular=[], prefill=prefill, decode=decode, direct_below=0
-                ) as entry:
-                    results.append(await measure(f"Cachet PD ({label})", entry, workload, args.timeout))
-            if "sglang-router-pd" in systems:
-                await flush_caches(urls)
-                spec = PeerSpec(
-                    kind="sglang-router",
-                    prefill=tuple((s.url, s.bootstrap_port) for s in prefill),
-                    decode=tuple(decode),
-                    policy="cache_aware",
-                )
-                async with run_peer(spec, log_dir=str(log_dir)) as peer:
-                    results.append(
-                        await measure(f"sglang-router PD ({label})", peer.url, workload, args.timeout)
+                if name in ("cachet-pd", "cachet-pd-direct"):
+                    direct = args.direct_below if name == "cachet-pd-direct" else 0
+                    title = f"Cachet PD ({label}" + (f", direct below {direct} tok)" if direct else ")")
+                    async with run_cachet(
+                        log_dir, regular=regular, prefill=prefill, decode=decode, direct_below=direct
+                    ) as entry:
+                        results.append(await measure(title, entry, workload, args.timeout))
+                else:
+                    if regular:
+                        raise SystemExit(
+                            "sglang-router PD mode takes no regular workers; drop --mixed-regular"
+                        )
+                    spec = PeerSpec(
+                        kind="sglang-router",
+                        prefill=tuple((s.url, s.bootstrap_port) for s in prefill),
+                        decode=tuple(decode),
+                        policy="cache_aware",
                     )
+                    async with run_peer(spec, log_dir=str(log_dir)) as peer:
+                        results.append(
+                            await measure(f"sglang-router PD ({label})", peer.url, workload, args.timeout)
+                        )
     return {
         "command": "python -m loadtests.pd.bench " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
@@ -210,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         "--nodes", type=int, default=4, help="simulated 8-GPU nodes (PD: half prefill, half decode)"
     )
     parser.add_argument("--prefill-nodes", type=int, default=None, help="PD: prefill nodes (default: half)")
+    parser.add_argument("--mixed-regular", type=int, default=0, help="PD: regular nodes beside the pools")
+    parser.add_argument("--direct-below", type=int, default=512, help="cachet-pd-direct: threshold in tokens")
     parser.add_argument("--preset", default="h200-tp8")
     parser.add_argument("--time-scale", type=float, default=1.0)
     parser.add_argument("--max-running", type=int, default=128)
@@ -224,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--systems",
         default="cachet,sglang-router,cachet-pd,sglang-router-pd",
-        help="comma-separated subset of cachet,sglang-router,cachet-pd,sglang-router-pd",
+        help="comma-separated, in order (PD systems may repeat): cachet, sglang-router, cachet-pd, "
+        "cachet-pd-direct, sglang-router-pd",
     )
     parser.add_argument("--log-dir")
     parser.add_argument("--out", help="write the results as JSON here")

@@ -74,7 +74,7 @@ def build_app(
         on_connect_failure=report_failure,
     )
     front = PDProxy(proxy, pd, models=gateway.registry.models, telemetry=gateway.telemetry)
-    app = GatewayASGI(front, build_litestar(gateway, lifespan=lifespan))  # type: ignore[arg-type]
+    app = GatewayASGI(front, build_litestar(gateway, lifespan=lifespan))
     return app, gateway, pd
 
 
