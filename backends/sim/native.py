@@ -174,6 +174,7 @@ def build_items(req: GenerateRequest, runtime: Runtime) -> tuple[list[Generation
     if any(s.n != n for s in samplings):
         raise RequestError("The parallel_sample_num should be the same for all samples in sample params.")
     total = len(prompts) * n
+    runtime.check_sequence_count(total)
     rids: list[str]
     if isinstance(req.rid, list):
         if len(req.rid) != total:

@@ -273,6 +273,7 @@ def build_items(parsed: OpenAIRequest, runtime: Runtime) -> tuple[list[Generatio
     sampling = parse_sampling(parsed.sampling_params, parsed.sampling_params.get("max_new_tokens"))
     n = sampling.n
     total = len(parsed.prompts) * n
+    runtime.check_sequence_count(total)
     if isinstance(parsed.rid, list):
         if len(parsed.rid) != total:
             raise RequestError("The specified rids length mismatch with the batch_size for batch processing.")

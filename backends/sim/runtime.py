@@ -29,6 +29,8 @@ from backends.sim.pd import FAKE_BOOTSTRAP_HOST, KVTransferClient, KVTransferErr
 from backends.sim.settings import Faults, ServerSettings
 from backends.sim.versions import VersionBehaviour, resolve_version
 
+MAX_SEQUENCES_PER_REQUEST = 1024
+
 
 class RequestError(Exception):
     """A request SGLang refuses; `status` decides the shape (400 = ValueError, 500/503 = HTTPException)."""
@@ -226,10 +228,24 @@ class Runtime:
                 "the input messages or the completion to fit within the limit."
             )
 
+    @staticmethod
+    def check_sequence_count(total: int) -> None:
+        """A simulator guard, not SGLang's: one request may not make the process build millions of them."""
+        if total > MAX_SEQUENCES_PER_REQUEST:
+            raise RequestError(
+                f"The simulator serves at most {MAX_SEQUENCES_PER_REQUEST} sequences per request "
+                f"(prompts x n), got {total}."
+            )
+
     def check_items(self, items: list[GenerationInput]) -> None:
         """Every semantic check SGLang runs before a request reaches a scheduler."""
         seen: set[str] = set()
+        vocab = self.tokenizer.vocab_size
         for item in items:
+            if any(t >= vocab for t in item.input_ids):
+                raise RequestError(
+                    f"The input_ids {item.input_ids} contains values greater than the vocab size ({vocab})."
+                )
             if item.rid in seen or item.rid in self._inflight or item.rid in self._admitting:
                 raise RequestError(f"Duplicate request ID detected: {item.rid}")
             seen.add(item.rid)

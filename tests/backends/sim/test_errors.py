@@ -226,3 +226,19 @@ async def test_cors(client: httpx.AsyncClient) -> None:
     )
     assert pre.status_code == 200 and pre.text == "OK"
     assert pre.headers["access-control-allow-origin"] == "http://example.test"
+
+
+async def test_out_of_vocab_ids_and_absurd_fan_out(client: httpx.AsyncClient) -> None:
+    r = await client.post("/generate", json={"input_ids": [1, 10**9]})
+    assert r.json() == {
+        "error": {
+            "message": "The input_ids [1, 1000000000] contains values greater than the vocab size (129280)."
+        }
+    }
+    for n in (10**6, 10**12):
+        r = await client.post(
+            "/v1/chat/completions", json={"messages": MSG, "n": n, "max_tokens": 1}, timeout=5
+        )
+        assert r.status_code == 400
+        r = await client.post("/generate", json={"text": "x", "sampling_params": {"n": n}}, timeout=5)
+        assert r.status_code == 400
