@@ -112,6 +112,8 @@ class PDRouterLike(Protocol):
 
     def bytes_per_token(self, worker_url: str | None, model: str) -> float: ...
 
+    def recent_decisions(self, limit: int) -> list[dict[str, Any]]: ...
+
 
 class _LegFailed(Exception):
     """One leg failed before the client saw a byte; the pair may be replaced."""
@@ -277,6 +279,13 @@ class PDForwarder:
             close: Callable[[], Awaitable[None]] | None = getattr(router, "aclose", None)
             if close is not None:
                 await close()
+
+    def recent_decisions(self, limit: int) -> dict[str, list[dict[str, Any]]]:
+        """The latest prefill and decode routing decisions, newest first (for /admin)."""
+        return {
+            "prefill": self._prefill.recent_decisions(limit),
+            "decode": self._decode.recent_decisions(limit),
+        }
 
     def has_pools(self) -> bool:
         """Whether any prefill or decode server is configured at all (else PD has nothing to do)."""

@@ -37,7 +37,11 @@ async def test_both_legs_get_the_same_bootstrap_fields_and_the_decode_answer_is_
 ) -> None:
     cluster = await pd_cluster(prefill=1, decode=1, bootstrap_port=9123)
     client = cluster.client()
-    assert await forward(cluster.make(), CHAT, CHAT_BODY, client)
+    forwarder = cluster.make()
+    assert await forward(forwarder, CHAT, CHAT_BODY, client)
+    decisions = forwarder.recent_decisions(5)
+    assert [d["worker"] for d in decisions["prefill"]] == [cluster.prefill[0].url]
+    assert [d["policy"] for d in decisions["decode"]] == ["decode_load"]
     (p,) = cluster.prefill[0].received
     (d,) = cluster.decode[0].received
     for leg in (p, d):
