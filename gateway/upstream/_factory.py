@@ -11,7 +11,7 @@ from gateway.upstream._models import Transport
 
 TRANSPORT_NAMES = ("aiohttp", "httpx", "httpx2", "httptools")
 # Fastest correct transport by loadtests/overhead/transports.py (results in docs/bench-gateway.md).
-DEFAULT_TRANSPORT = "aiohttp"
+DEFAULT_TRANSPORT = "httptools"
 
 
 def make_transport(

@@ -175,8 +175,8 @@ async def _compare(args: argparse.Namespace) -> None:
             rows.append(runs[len(runs) // 2])
         best = max(r.rps for r in rows)
         print(f"\n{'streaming' if stream else 'non-streaming'}:")
-        print("| transport | req/s | ratio to best | p50 ms | p99 ms | all runs req/s |")
-        print("|---|---|---|---|---|---|")
+        print("| transport | req/s | ratio to best | p50 ms | p99 ms | all runs req/s | failed requests |")
+        print("|---|---|---|---|---|---|---|")
         for row in rows:
             every = ", ".join(f"{m.rps:.0f}" for m in results[(row.transport, stream)])
             print(
