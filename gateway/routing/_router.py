@@ -48,6 +48,8 @@ _SHRINK = 0.8
 _RECOVER = 1.02
 _MIN_SCALE = 0.05
 _DEFAULT_MAX_NEW_TOKENS = 128
+# KV capacity assumed for a rank that does not report max_total_num_tokens (tokens).
+_UNKNOWN_CAPACITY_TOKENS = 500_000
 # A lease's prompt tokens stop counting as queued prefill after margin × expected TTFT + slack.
 _PREFILL_MARGIN = 1.5
 _PREFILL_SLACK_S = 0.25
@@ -281,7 +283,10 @@ class Router(Generic[W]):
     def _budget_blocks(self, model: str, worker: W, target: TargetKey) -> int:
         tokens_per_block = self._block_bytes / self.bytes_per_token(worker.url, model)
         scale = self._capacity_scale.get(target, 1.0)
-        return max(int(worker.max_total_num_tokens * scale / tokens_per_block), 1)
+        capacity = worker.max_total_num_tokens
+        if capacity <= 0:  # the server did not say: assume a typical DeepSeek rank's KV pool
+            capacity = _UNKNOWN_CAPACITY_TOKENS
+        return max(int(capacity * scale / tokens_per_block), 1)
 
     # -- snapshot --------------------------------------------------------------------------------
 

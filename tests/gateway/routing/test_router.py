@@ -253,3 +253,12 @@ async def test_hits_stay_until_the_queue_there_outweighs_the_cache() -> None:
     clock.now += 10
     later = await router.route(ask(99))
     assert later.decision.predicted_cached_tokens > 3000
+
+
+async def test_unknown_capacity_still_indexes_prompts() -> None:
+    store = MemoryStore()
+    registry = FakeRegistry([FakeWorker("http://a", max_total_num_tokens=0)])
+    router = Router(registry, store, get_policy("prefix_aware"), seed=1)
+    await router.finish(await router.route(prompt("u")), Outcome(ok=True))
+    again = await router.route(prompt("u"))
+    assert again.decision.predicted_cached_tokens >= 500
