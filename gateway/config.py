@@ -164,7 +164,12 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if name in _NOT_SETTINGS:
             continue
         field = name.lower()
-        if field not in _FIELDS or field == "workers":
+        if field == "workers":
+            raise ConfigError(
+                f"{key} is ambiguous: use {ENV_PREFIX}PROCESSES for the number of gateway processes "
+                f"or {ENV_PREFIX}WORKER_URLS for the upstream servers"
+            )
+        if field not in _FIELDS:
             raise ConfigError(f"unknown environment variable {key}")
         if field in _LIST_FIELDS:
             out[field] = [item.strip() for item in value.split(",") if item.strip()]

@@ -76,6 +76,7 @@ def test_environment_overrides_file_and_flags_override_environment(tmp_path: Pat
         ("policy = 'psychic'", {}, "policy"),
         ("", {"CACHET_PORT": "eighty"}, "port"),
         ("", {"CACHET_BOGUS": "1"}, "CACHET_BOGUS"),
+        ("", {"CACHET_WORKERS": "4"}, "CACHET_PROCESSES"),
         ("[[workers]]\nurl = 'localhost:30000'", {}, "http://"),
         ("[[workers]]\nurl = 'http://a'\n[[workers]]\nurl = 'http://a/'", {}, "twice"),
         ("[[workers]]\nurl = 'http://a'\nrole = 'boss'", {}, "role"),
