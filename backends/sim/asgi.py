@@ -25,7 +25,8 @@ PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
 
 _encoder = msgspec.json.Encoder()
 encode_json = _encoder.encode
-MAX_BODY_BYTES = 64 * 1024 * 1024
+# A 163k-token prompt is ~1 MB of text; bigger bodies would only stall the event loop while tokenising.
+MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 class BodyTooLarge(Exception):

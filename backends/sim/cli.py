@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from backends.sim.cluster import ClusterSpec, SimCluster
-from backends.sim.settings import DEFAULT_MODEL_PATH, Faults, ServerSettings
+from backends.sim.settings import DEFAULT_MODEL_PATH, LOAD_BALANCE_METHODS, Faults, ServerSettings
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +33,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("--chunked-prefill-size", type=int, default=None)
     add("--max-prefill-tokens", type=int, default=None)
     add("--disable-radix-cache", action="store_true")
+    add(
+        "--load-balance-method",
+        choices=LOAD_BALANCE_METHODS,
+        default="auto",
+        help="DP rank choice when unpinned",
+    )
     add("--context-length", type=int, default=163840)
     add("--rtt-ms", type=float, default=None, help="network RTT between the nodes of one TP group")
     add("--api-key", default=None)
@@ -81,6 +87,7 @@ def _settings(args: argparse.Namespace, **overrides: object) -> ServerSettings:
         "chunked_prefill_size": args.chunked_prefill_size,
         "max_prefill_tokens": args.max_prefill_tokens,
         "disable_radix_cache": args.disable_radix_cache,
+        "load_balance_method": args.load_balance_method,
         "context_length": args.context_length,
         "rtt_ms": args.rtt_ms,
         "api_key": args.api_key,

@@ -114,7 +114,7 @@ class InfoHandlers:
             "enable_metrics": s.enable_metrics,
             "stream_response_default_include_usage": s.stream_response_default_include_usage,
             "dp_size": runtime.dp_size,
-            "load_balance_method": "follow_bootstrap_room" if mode == "prefill" else "round_robin",
+            "load_balance_method": runtime.load_balance_method,
             "enable_dp_attention": runtime.dp_size > 1,
             "speculative_algorithm": "EAGLE" if s.mtp else None,
             "speculative_num_steps": 1 if s.mtp else None,

@@ -261,11 +261,30 @@ class Runtime:
 
     # ---- generation ------------------------------------------------------------------------------------
 
+    @property
+    def load_balance_method(self) -> str:
+        """`auto` resolves as in SGLang: follow_bootstrap_room on a prefill server, round_robin otherwise."""
+        method = self.settings.load_balance_method
+        if method == "auto":
+            return (
+                "follow_bootstrap_room" if self.settings.disaggregation_mode == "prefill" else "round_robin"
+            )
+        return method
+
     def _pick_rank(self, item: GenerationInput) -> int:
         if item.dp_rank is not None:
             return item.dp_rank
-        if self.settings.disaggregation_mode == "prefill" and item.bootstrap is not None:
-            return item.bootstrap.room % self.dp_size  # follow_bootstrap_room
+        method = self.load_balance_method
+        if method == "follow_bootstrap_room" and item.bootstrap is not None:
+            return item.bootstrap.room % self.dp_size
+        if method == "total_requests":
+            return min(range(self.dp_size), key=lambda r: self.drivers[r].in_flight)
+        if method == "total_tokens":
+            loads = [d.engine.load() for d in self.drivers]
+            return min(
+                range(self.dp_size),
+                key=lambda r: loads[r].num_used_tokens + loads[r].num_waiting_uncached_tokens,
+            )
         return self.engine.pick_rank()
 
     async def generate(self, item: GenerationInput) -> AsyncGenerator[Progress, None]:

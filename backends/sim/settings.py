@@ -11,6 +11,7 @@ from backends.sim.engine import DisaggregationMode
 
 DEFAULT_MODEL_PATH = "deepseek-ai/DeepSeek-V3"
 ROLES = ("null", "prefill", "decode")
+LOAD_BALANCE_METHODS = ("auto", "round_robin", "follow_bootstrap_room", "total_requests", "total_tokens")
 
 
 def _env_float(name: str, default: float) -> float:
@@ -46,6 +47,9 @@ class ServerSettings:
     chunked_prefill_size: int | None = None
     max_prefill_tokens: int | None = None
     disable_radix_cache: bool = False
+    load_balance_method: str = (
+        "auto"  # auto | round_robin | follow_bootstrap_room | total_requests | total_tokens
+    )
     context_length: int = 163840
     rtt_ms: float | None = None
     api_key: str | None = None
@@ -77,6 +81,8 @@ class ServerSettings:
             raise ValueError("dp_size must be >= 1")
         if self.time_scale < 0:
             raise ValueError("time_scale must be >= 0")
+        if self.load_balance_method not in LOAD_BALANCE_METHODS:
+            raise ValueError(f"load_balance_method must be one of {LOAD_BALANCE_METHODS}")
         if self.stream_interval < 1:
             raise ValueError("stream_interval must be >= 1")
 

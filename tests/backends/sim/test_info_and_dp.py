@@ -317,3 +317,23 @@ async def test_health_counts_any_scheduler_output_like_sglang(start_server: Star
         assert (await c.get("/health")).status_code == 200
         await c.post("/abort_request", json={"abort_all": True})
         await asyncio.gather(*busy)
+
+
+async def test_total_requests_balancing_avoids_the_busy_rank(start_server: StartServer) -> None:
+    server = await start_server(dp_size=4, load_balance_method="total_requests")
+    long = {
+        "text": "busy",
+        "routed_dp_rank": 0,
+        "sampling_params": {"max_new_tokens": 5000, "ignore_eos": True},
+    }
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+        busy = [asyncio.create_task(c.post("/generate", json=long)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        ranks = [
+            await _rank_of(c, "/generate", {"text": "quick", "sampling_params": {"max_new_tokens": 1}}, {})
+            for _ in range(6)
+        ]
+        assert 0 not in ranks
+        assert (await c.get("/server_info")).json()["load_balance_method"] == "total_requests"
+        await c.post("/abort_request", json={"abort_all": True})
+        await asyncio.gather(*busy)
