@@ -6,7 +6,6 @@ content-length, CORS echo) is reproduced here so that a router sees an SGLang se
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
@@ -145,8 +144,3 @@ def sse(payload: bytes) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
-
-
-async def sleep_scaled(seconds: float) -> None:
-    if seconds > 0:
-        await asyncio.sleep(seconds)

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from backends.sim.asgi import PROMETHEUS, TEXT_PLAIN, HttpRequest, encode_json
+from backends.sim.asgi import PROMETHEUS, TEXT_PLAIN, HttpRequest
 from backends.sim.engine import RankLoad
 from backends.sim.errors import (
     SchemaError,
@@ -24,7 +24,7 @@ _FLUSH_TEXT = (
     b"(When there are running or waiting requests, the operation will not be performed.)\n"
 )
 _LOAD_SECTIONS = frozenset({"core", "memory", "spec", "lora", "disagg", "queues", "all"})
-# DeepSeek-V3's MLA cache per token (61 layers x (512 + 64) bf16 values); only used for memory reports.
+# SGLang reports memory in GB (1e9 bytes).
 _GB = 1e9
 
 
@@ -171,9 +171,7 @@ class InfoHandlers:
         await req.respond_json(200, info)
 
     async def models(self, req: HttpRequest) -> None:
-        s = self.runtime.settings
         await req.respond_json(200, {"object": "list", "data": [self._card()]})
-        del s
 
     def _card(self) -> dict[str, Any]:
         s = self.runtime.settings
@@ -396,7 +394,3 @@ def _loads_prometheus(entries: list[dict[str, Any]]) -> bytes:
         lines.append(f"# TYPE {name} gauge")
         lines.extend(f'{name}{{dp_rank="{rank}"}} {value}' for rank, value in values)
     return ("\n".join(lines) + "\n").encode()
-
-
-def encode(payload: object) -> bytes:
-    return encode_json(payload)

@@ -405,7 +405,7 @@ class OpenAIHandler:
         n: int,
         exchange: Exchange,
     ) -> None:
-        req = exchange_request(exchange)
+        req = exchange.request
         try:
             async for index, p in merge_generations(self.runtime, items):
                 seqs[index].add(p)
@@ -614,7 +614,3 @@ class _Seq:
         self.completion_tokens = p.completion_tokens
         if p.finish is not None:
             self.finish = p.finish
-
-
-def exchange_request(exchange: Exchange) -> HttpRequest:
-    return exchange.request

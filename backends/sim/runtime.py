@@ -96,7 +96,6 @@ class _Tracking:
     timing: Timing
     first_token_at: float | None = None
     last_token_at: float | None = None
-    stopped: bool = False
 
 
 @dataclass
@@ -135,7 +134,6 @@ class Runtime:
         self._output_waiters: list[asyncio.Future[None]] = []
         self.drivers: list[RankDriver] = []
         self.ready = False
-        self.started_at = time.time()
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -183,9 +181,6 @@ class Runtime:
     @property
     def waiting_for_pd_peer(self) -> int:
         return len(self._admitting)
-
-    def is_inflight(self, rid: str) -> bool:
-        return rid in self._inflight
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_bos=bos)
