@@ -17,7 +17,7 @@ from loadtests.workloads.request import BenchRequest, prompt_text
 from policies import get_policy
 from policies.types import TargetKey
 
-__all__ = ["Finished", "GatewayRouting", "ReplayRouter", "SglangReimplRouting"]
+__all__ = ["Finished", "GatewayRouting", "ReplayRouter", "Replicas", "SglangReimplRouting", "make_router"]
 
 
 class Finished:
@@ -67,16 +67,21 @@ class GatewayRouting:
         *,
         seed: int = 0,
         load_interval_s: float = 1.0,
+        shared: tuple[MemoryStore, _VirtualClock] | None = None,
     ) -> None:
         self.name = policy
         self._cluster = cluster
-        self._clock = _VirtualClock()
+        if shared is None:
+            self._clock = _VirtualClock()
+            store = MemoryStore(clock=self._clock)
+        else:
+            store, self._clock = shared
         self._registry = StaticRegistry(list(cluster.workers))
         self._load_interval_s = load_interval_s
         self._loads_at = -math.inf
         self._router: Router[Any] = Router(
             self._registry,
-            MemoryStore(clock=self._clock),
+            store,
             get_policy(policy),
             seed=seed,
             clock=self._clock,
@@ -151,8 +156,48 @@ class SglangReimplRouting:
         self.policy.complete(handle)
 
 
+class Replicas:
+    """Several router replicas in front of one cluster; requests are spread over them in turn (as a
+    client load balancer would). Each replica finishes the requests it routed."""
+
+    def __init__(self, name: str, replicas: list[ReplayRouter]) -> None:
+        self.name = name
+        self._replicas = replicas
+        self._turn = 0
+
+    async def route(self, request: BenchRequest, now: float) -> tuple[TargetKey, Any]:
+        index = self._turn % len(self._replicas)
+        self._turn += 1
+        target, handle = await self._replicas[index].route(request, now)
+        return target, (index, handle)
+
+    async def finish(self, handle: Any, finished: Finished, now: float) -> None:
+        index, inner = handle
+        await self._replicas[index].finish(inner, finished, now)
+
+
+_REPLICAS = 3
+
+
 def make_router(name: str, cluster: ReplayCluster, *, seed: int = 0) -> ReplayRouter:
-    """``sglang_cache_aware`` is the re-implementation; any other name is a Cachet policy."""
+    """``sglang_cache_aware`` is the re-implementation; any other name is a Cachet policy.
+
+    ``x3:<name>`` is three independent replicas (each its own state, as sglang-router 0.3.x
+    replicas are); ``shared3:<policy>`` is three Cachet routers sharing one state store (what Redis
+    gives gateway replicas, without its network round trips).
+    """
+    if name.startswith("x3:"):
+        inner = name.removeprefix("x3:")
+        replicas = [make_router(inner, cluster, seed=seed + i) for i in range(_REPLICAS)]
+        return Replicas(f"x3:{replicas[0].name}", replicas)
+    if name.startswith("shared3:"):
+        policy = name.removeprefix("shared3:")
+        clock = _VirtualClock()
+        shared = (MemoryStore(clock=clock), clock)
+        gateways: list[ReplayRouter] = [
+            GatewayRouting(policy, cluster, seed=seed + i, shared=shared) for i in range(_REPLICAS)
+        ]
+        return Replicas(f"shared3:{policy}", gateways)
     if name in ("sglang_cache_aware", "sglang_cache_aware(reimpl)"):
         return SglangReimplRouting(cluster)
     return GatewayRouting(name, cluster, seed=seed)

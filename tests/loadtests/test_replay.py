@@ -158,3 +158,21 @@ def test_cluster_speed_seeds_mirror_the_registry_or_are_measured_from_the_engine
     assert len(measured.targets) == SPEC.servers * SPEC.dp_size
     with pytest.raises(ValueError, match="speed_seeds"):
         ReplayCluster(msgspec.structs.replace(SPEC, speed_seeds="guess"))
+
+
+def test_replicas_spread_requests_in_turn_and_finish_on_the_replica_that_routed() -> None:
+    cluster = ReplayCluster(SPEC)
+    router = make_router("x3:sglang_cache_aware", cluster)
+    assert router.name == "x3:sglang_cache_aware(reimpl)"
+    records = asyncio.run(replay(_shared_prefix(), cluster, router))
+    assert len(records) == 48 and all(r.finish_s is not None for r in records)
+    # Every replica saw a third of the requests and released every one of them.
+    replicas = router._replicas  # type: ignore[attr-defined]
+    for replica in replicas:
+        assert sum(replica.policy.load.values()) == 0
+        assert replica.policy.cache_hit_decisions + replica.policy.imbalanced_decisions <= 16
+    shared_cluster = ReplayCluster(SPEC)
+    shared = make_router("shared3:prefix_aware", shared_cluster)
+    assert shared.name == "shared3:prefix_aware"
+    shared_records = asyncio.run(replay(_shared_prefix(), shared_cluster, shared))
+    assert len(shared_records) == 48 and all(r.finish_s is not None for r in shared_records)
