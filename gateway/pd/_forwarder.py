@@ -378,6 +378,12 @@ class PDForwarder:
                 failure = exc
                 excluded[exc.role] = excluded[exc.role] | {exc.url}
         assert failure is not None
+        if settings.fallback_to_regular and self._has_regular(request.model):
+            logger.warning(
+                "no prefill/decode pair could serve a %s request: serving it on regular workers",
+                request.model,
+            )
+            return False
         if failure.status == 503:
             raise GatewayError(
                 503,

@@ -282,6 +282,18 @@ async def test_a_pool_without_healthy_servers_fails_fast_or_falls_back(pd_cluste
     assert not cluster.prefill[0].received
 
 
+async def test_with_fallback_a_pool_that_keeps_failing_hands_the_request_to_regular_workers(
+    pd_cluster: Any,
+) -> None:
+    cluster = await pd_cluster(prefill=1, decode=1, regular=1)
+    cluster.prefill[0].mode = "fail500"
+    client = cluster.client()
+    settings = PDSettings(retries=1, fallback_to_regular=True)
+    assert not await forward(cluster.make(settings), CHAT, CHAT_BODY, client)
+    assert not client.messages  # nothing sent: the regular path answers
+    assert len(cluster.prefill[0].received) == 1  # the only prefill, excluded after its failure
+
+
 async def test_serves_only_models_with_pd_pools(pd_cluster: Any) -> None:
     cluster = await pd_cluster(prefill=1, decode=1)
     forwarder = cluster.make()
