@@ -254,13 +254,15 @@ async def test_flush_cache_refused_while_running(client: httpx.AsyncClient) -> N
     long = asyncio.create_task(
         client.post(
             "/generate",
-            json={"text": "busy", "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}},
+            json={"text": "busy", "sampling_params": {"max_new_tokens": 60000, "ignore_eos": True}},
         )
     )
     await asyncio.sleep(0.1)
     refused = await client.get("/flush_cache")
     assert refused.status_code == 400
-    assert (await long).status_code == 200
+    await client.post("/abort_request", json={"abort_all": True})
+    assert (await long).json()["meta_info"]["finish_reason"]["type"] == "abort"
+    assert (await client.post("/flush_cache")).status_code == 200
 
 
 async def test_embeddings_refused_on_a_generation_model(client: httpx.AsyncClient) -> None:
@@ -324,7 +326,7 @@ async def test_total_requests_balancing_avoids_the_busy_rank(start_server: Start
     long = {
         "text": "busy",
         "routed_dp_rank": 0,
-        "sampling_params": {"max_new_tokens": 5000, "ignore_eos": True},
+        "sampling_params": {"max_new_tokens": 60000, "ignore_eos": True},
     }
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
         busy = [asyncio.create_task(c.post("/generate", json=long)) for _ in range(2)]
