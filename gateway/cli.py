@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulated seconds per real second factor (default 0.05)",
     )
     demo.add_argument("--policy", default=None, help=f"routing policy: {', '.join(policy_names())}")
+    demo.add_argument(
+        "--pd",
+        action="store_true",
+        help="PD disaggregation: --servers prefill and --servers decode servers instead of regular ones",
+    )
     return parser
 
 
@@ -230,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 preset=args.preset,
                 time_scale=args.time_scale,
                 policy=args.policy,
+                pd=args.pd,
             )
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Literal
 
 import msgspec
 
@@ -30,7 +31,7 @@ _GATEWAY_READY_TIMEOUT_S = 60.0
 
 class _SimServer(msgspec.Struct):
     url: str
-    role: str
+    role: Literal["regular", "prefill", "decode"]
     dp_size: int
     model: str
     bootstrap_port: int | None = None
@@ -44,16 +45,22 @@ class DemoError(RuntimeError):
     """The demo could not start; the message says why."""
 
 
+def _cluster_layout(servers: int, pd: bool) -> list[str]:
+    """The cluster's role flags: regular servers, or as many prefill + decode servers (PD pools)."""
+    if pd:
+        return ["--servers", "0", "--prefill", str(servers), "--decode", str(servers)]
+    return ["--servers", str(servers)]
+
+
 async def _start_cluster(
-    servers: int, dp_size: int, preset: str, time_scale: float
+    servers: int, dp_size: int, preset: str, time_scale: float, pd: bool
 ) -> tuple[asyncio.subprocess.Process, _SimReady]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "backends.sim",
         "cluster",
-        "--servers",
-        str(servers),
+        *_cluster_layout(servers, pd),
         "--dp-size",
         str(dp_size),
         "--preset",
@@ -113,7 +120,9 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _banner(url: str, ready: _SimReady, preset: str, time_scale: float, policy: str) -> str:
     model = ready.servers[0].model
-    servers = ", ".join(f"{s.url} (dp {s.dp_size})" for s in ready.servers)
+    servers = ", ".join(
+        f"{s.url} ({'' if s.role == 'regular' else s.role + ', '}dp {s.dp_size})" for s in ready.servers
+    )
     return f"""
 Cachet gateway ready at {url}
   in front of a simulated {model} cluster: {servers}
@@ -139,21 +148,29 @@ Press Ctrl-C to stop.
 
 
 async def _demo(
-    *, host: str, port: int, servers: int, dp_size: int, preset: str, time_scale: float, policy: str | None
+    *,
+    host: str,
+    port: int,
+    servers: int,
+    dp_size: int,
+    preset: str,
+    time_scale: float,
+    policy: str | None,
+    pd: bool,
 ) -> None:
     import uvicorn  # noqa: PLC0415
 
     from gateway.app import Gateway, create_app  # noqa: PLC0415
 
     sock = _listen(host, port)
-    process, ready = await _start_cluster(servers, dp_size, preset, time_scale)
+    process, ready = await _start_cluster(servers, dp_size, preset, time_scale, pd)
     drain = asyncio.get_running_loop().create_task(_drain(process.stdout))
     try:
         config = GatewayConfig(
             host=host,
             port=sock.getsockname()[1],
             workers=tuple(
-                WorkerEntry(url=s.url, role="regular", bootstrap_port=s.bootstrap_port, model=s.model)
+                WorkerEntry(url=s.url, role=s.role, bootstrap_port=s.bootstrap_port, model=s.model)
                 for s in ready.servers
             ),
             health_interval_s=2.0,
@@ -207,6 +224,7 @@ def run_demo(
     preset: str = "h200-dp8",
     time_scale: float = 0.05,
     policy: str | None = None,
+    pd: bool = False,
 ) -> int:
     """Run the demo until Ctrl-C (or SIGTERM); the process exit code."""
     # uvicorn re-raises the stop signal once it has shut down; SIGTERM's default action would kill
@@ -222,6 +240,7 @@ def run_demo(
                 preset=preset,
                 time_scale=time_scale,
                 policy=policy,
+                pd=pd,
             )
         )
     except DemoError as exc:

@@ -134,3 +134,23 @@ def test_demo_starts_serves_and_stops_cleanly(spawn: Callable[..., ChildProcess]
                 break
             assert time.monotonic() < deadline, f"{server} still answers after the demo stopped"
             time.sleep(0.1)
+
+
+def test_pd_demo_pairs_a_prefill_and_a_decode_server(spawn: Callable[..., ChildProcess]) -> None:
+    demo = spawn([sys.executable, "-m", "gateway", "demo", "--pd", "--port", "0"])
+    url = demo.wait_for_line(r"Cachet gateway ready at (http://\S+)", timeout=90).group(1)
+    cluster = demo.wait_for_line(r"cluster: ").string
+    prefill = re.findall(r"(http://127\.0\.0\.1:\d+) \(prefill, dp 4\)", cluster)
+    decode = re.findall(r"(http://127\.0\.0\.1:\d+) \(decode, dp 4\)", cluster)
+    assert len(prefill) == 2 and len(decode) == 2
+    with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30) as client:
+        [model] = [m.id for m in client.models.list()]
+        reply = client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=8
+        )
+    assert reply.headers["x-cachet-prefill-worker"] in prefill
+    assert reply.headers["x-cachet-worker"] in decode
+    completion = reply.parse()
+    assert completion.usage is not None and completion.usage.completion_tokens == 8
+    demo.process.send_signal(signal.SIGTERM)
+    assert demo.process.wait(timeout=30) == 0
