@@ -30,6 +30,9 @@ class Summary(msgspec.Struct, kw_only=True):
     per_target: dict[str, int]
     wall_s: float | None = None
     errors: int = 0
+    # What spread_cv counts requests over: "target" (server@rank) or "server" (when a router does
+    # not say which rank it used, from the servers' own counters).
+    spread_unit: str = "target"
 
 
 def summarize(
@@ -101,6 +104,7 @@ def markdown_table(summaries: Sequence[Summary]) -> str:
         lines.append(
             f"| {s.system} | {s.completed}/{s.requests} | {s.hit_rate:.1%} | {_f(s.oracle_hit_rate, '.1%')} "
             f"| {_f(s.ttft_p50_s, '.3f')} | {_f(s.ttft_p99_s, '.3f')} | {_f(tpot_ms, '.1f')} "
-            f"| {_f(s.output_tok_per_s, ',.0f')} | {_f(s.spread_cv, '.2f')} |"
+            f"| {_f(s.output_tok_per_s, ',.0f')} | {_f(s.spread_cv, '.2f')}"
+            f"{' (per server)' if s.spread_unit == 'server' and s.spread_cv is not None else ''} |"
         )
     return "\n".join(lines)

@@ -191,6 +191,7 @@ async def _main(args: argparse.Namespace) -> int:
             if not any(r.target for r in ok):
                 summary.per_target = {}
                 summary.spread_cv = server_cv
+                summary.spread_unit = "server"
             summaries.append(summary)
             extra[name] = {
                 "server_hit_rate": hit,
