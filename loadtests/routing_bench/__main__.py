@@ -197,6 +197,9 @@ async def _main(args: argparse.Namespace) -> int:
                 "server_hit_rate": hit,
                 "per_server_requests": per_server,
                 "server_spread_cv": server_cv,
+                "predicted_cached_tokens": sum(r.predicted_cached_tokens or 0 for r in ok)
+                if any(r.predicted_cached_tokens is not None for r in ok)
+                else None,
                 "first_errors": [r.error for r in records if r.error][:5],
             }
             print(f"{name}: {len(ok)} ok, {errors} errors, client hit {summary.hit_rate:.1%}, server hit "

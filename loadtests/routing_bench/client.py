@@ -30,6 +30,8 @@ class HttpRecord(msgspec.Struct, kw_only=True):
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     completion_tokens: int = 0
+    # Cachet's receipt: the cached tokens the router predicted (x-cachet-cached-tokens).
+    predicted_cached_tokens: int | None = None
     # Filled in after the run: the oracle's cached tokens for this request in the order it was sent.
     oracle_cached_tokens: int | None = None
 
@@ -95,6 +97,9 @@ async def _send(
             worker = response.headers.get("x-cachet-worker")
             if worker:
                 record.target = f"{worker}@{response.headers.get('x-cachet-dp-rank', '0')}"
+            predicted = response.headers.get("x-cachet-cached-tokens")
+            if predicted is not None and predicted.isdigit():
+                record.predicted_cached_tokens = int(predicted)
             if response.status != 200:
                 record.error = (await response.read())[:300].decode(errors="replace")
                 return record

@@ -26,6 +26,7 @@ async def _start_fake_server(
         headers = {
             "content-type": "text/event-stream",
             "x-cachet-worker": "http://w1",
+            "x-cachet-cached-tokens": "50",
             "x-cachet-dp-rank": "1",
         }
         response = web.StreamResponse(headers=headers)
@@ -79,6 +80,7 @@ async def test_open_loop_client_measures_ttft_tpot_usage_and_chains_rounds() -> 
     assert a.prompt_tokens == 100 and a.cached_tokens == 60 and a.completion_tokens == 5
     assert a.tpot_s is not None and 0 < a.tpot_s < 0.1
     assert a.target == "http://w1@1"
+    assert a.predicted_cached_tokens == 50
     assert a.finish_s is not None and a2.arrival_s >= a.finish_s + 0.2 - 0.01
     assert records["b"].arrival_s >= 0.045
     assert records["bad"].status == 400 and records["bad"].error is not None and "bad" in records["bad"].error
