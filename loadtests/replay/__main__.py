@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 import time
@@ -121,6 +122,9 @@ async def _main(args: argparse.Namespace) -> int:
             "node": platform.node(),
             "machine": platform.machine(),
             "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            # Other work on the machine skews wall-clock latencies; keep the load beside the numbers.
+            "loadavg_at_end": os.getloadavg(),
         },
         "summaries": msgspec.to_builtins(summaries),
     }
