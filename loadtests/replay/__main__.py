@@ -19,6 +19,7 @@ from pathlib import Path
 
 import msgspec
 
+from loadtests._provenance import code_state
 from loadtests.replay.cluster import ClusterSpec
 from loadtests.replay.report import markdown_table
 from loadtests.replay.run import estimate_capacity_rps, run_policies
@@ -126,6 +127,7 @@ async def _main(args: argparse.Namespace) -> int:
             # Other work on the machine skews wall-clock latencies; keep the load beside the numbers.
             "loadavg_at_end": os.getloadavg(),
         },
+        "code": code_state(),
         "summaries": msgspec.to_builtins(summaries),
     }
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import msgspec
 
+from loadtests._provenance import code_state
 from loadtests.replay.cluster import ClusterSpec
 from loadtests.replay.loop import oracle_hits
 from loadtests.replay.report import Summary, markdown_table, summarize
@@ -231,6 +232,7 @@ async def _main(args: argparse.Namespace) -> int:
             # Other work on the machine skews wall-clock latencies; keep the load beside the numbers.
             "loadavg_at_end": os.getloadavg(),
         },
+        "code": code_state(),
         "summaries": msgspec.to_builtins(summaries),
         "server_side": extra,
     }
