@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -70,7 +71,7 @@ async def test_error_rate_gives_sglang_queue_full(client: httpx.AsyncClient) -> 
 
 async def test_latency_and_slowdown(start_server: StartServer) -> None:
     # A coarser time scale, so that simulated step time dominates the request's cost.
-    server = await start_server(time_scale=0.02)
+    server = await start_server(time_scale=0.05)
     body = {"text": "slow", "sampling_params": {"max_new_tokens": 40, "ignore_eos": True}}
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         await client.post("/sim/faults", json={"latency_ms": 300})
@@ -84,7 +85,7 @@ async def test_latency_and_slowdown(start_server: StartServer) -> None:
         await client.post("/sim/faults", json={"slowdown": 20})
         t0 = time.perf_counter()
         await client.post("/generate", json=body)
-        assert time.perf_counter() - t0 > 5 * base
+        assert time.perf_counter() - t0 > 3 * base
 
 
 async def test_hang_before_first_byte(client: httpx.AsyncClient) -> None:
@@ -123,13 +124,16 @@ async def test_refuse_connections(server: SimServer) -> None:
         assert (await c.get("/health")).status_code == 200
         # Over HTTP, refusal must carry its own end: the endpoint is unreachable while refusing.
         assert (
-            await c.post("/sim/faults", json={"refuse_connections": True, "refuse_for_s": 0.3})
+            await c.post("/sim/faults", json={"refuse_connections": True, "refuse_for_s": 1.5})
         ).is_success
     async with httpx.AsyncClient(base_url=server.url) as c:
         with pytest.raises(httpx.ConnectError):
             await c.get("/health")
-        await asyncio.sleep(0.5)
-        assert (await c.get("/health")).status_code == 200
+        for _ in range(100):  # listening again after ~1.5 s
+            await asyncio.sleep(0.1)
+            with contextlib.suppress(httpx.ConnectError):
+                assert (await c.get("/health")).status_code == 200
+                break
         assert (await c.get("/sim/faults")).json()["refuse_connections"] is False
 
 
