@@ -85,11 +85,13 @@ class RankDriver:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.steps = 0
+        self._stopped = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"sim-rank-{self.dp_rank}")
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -101,6 +103,9 @@ class RankDriver:
 
     def submit(self, request: SimRequest) -> RequestHandle:
         handle = RequestHandle(request.rid, self.dp_rank)
+        if self._stopped:  # shutting down: the request gets the shutdown abort straight away
+            handle.close()
+            return handle
         self._handles[request.rid] = handle
         self.engine.add(request)
         self._wake.set()

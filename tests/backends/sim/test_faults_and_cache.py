@@ -264,3 +264,24 @@ async def test_concurrent_chaos_leaves_a_clean_server(
         assert (await c.get("/health")).status_code == 200
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
+
+
+async def test_stop_with_streams_in_flight_ends_them(start_server: StartServer) -> None:
+    server = await start_server(dp_size=2)
+    long = {"text": "long", "stream": True, "sampling_params": {"max_new_tokens": 100000, "ignore_eos": True}}
+    received: list[bytes] = []
+
+    async def consume() -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as c:
+            with contextlib.suppress(httpx.HTTPError):
+                async with c.stream("POST", "/generate", json=long) as r:
+                    async for raw in r.aiter_raw():
+                        received.append(raw)
+
+    streams = [asyncio.create_task(consume()) for _ in range(3)]
+    await asyncio.sleep(0.2)
+    t0 = time.perf_counter()
+    await server.stop()
+    await asyncio.wait_for(asyncio.gather(*streams), 5)
+    assert time.perf_counter() - t0 < 5
+    assert b'"type":"abort"' in b"".join(received)

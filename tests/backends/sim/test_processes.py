@@ -199,3 +199,21 @@ async def test_sixteen_ranks_in_one_process(preset: str) -> None:
         async with httpx.AsyncClient(base_url=proc.server["url"]) as c:
             loads = (await c.get("/v1/loads", params={"include": "core"})).json()["loads"]
         assert len(loads) == 16
+
+
+async def test_port_in_use_is_a_clean_error() -> None:
+    async with sim_process("serve", "--port", "0", "--time-scale", str(FAST)) as first:
+        port = first.server["url"].rsplit(":", 1)[1]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "backends.sim",
+            "serve",
+            "--port",
+            port,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 1
+        assert b"error:" in err and b"Traceback" not in err
