@@ -117,9 +117,9 @@ class InfoHandlers:
             "load_balance_method": runtime.load_balance_method,
             "enable_dp_attention": runtime.dp_size > 1,
             "speculative_algorithm": "EAGLE" if s.mtp else None,
-            "speculative_num_steps": 1 if s.mtp else None,
+            "speculative_num_steps": eng.perf.cal.mtp_draft_steps if s.mtp else None,
             "speculative_eagle_topk": 1 if s.mtp else None,
-            "speculative_num_draft_tokens": 2 if s.mtp else None,
+            "speculative_num_draft_tokens": eng.perf.cal.mtp_draft_steps + 1 if s.mtp else None,
             "disable_radix_cache": s.disable_radix_cache,
             "radix_eviction_policy": "lru",
             "disaggregation_mode": mode,
@@ -242,7 +242,11 @@ class InfoHandlers:
                 "token_capacity": load.max_total_num_tokens,
             }
         if wants("spec") and runtime.settings.mtp:
-            entry["speculative"] = {"accept_length": 1.8, "accept_rate": 0.8}
+            # The engine's MTP model: expected accepted length and per-draft-token acceptance probability.
+            entry["speculative"] = {
+                "accept_length": round(eng.perf.expected_accept_length(), 3),
+                "accept_rate": eng.perf.cal.mtp_accept_prob,
+            }
         if wants("disagg"):
             mode = runtime.settings.disaggregation_mode
             pending = runtime.rooms.pending() if mode == "prefill" else 0
@@ -253,8 +257,13 @@ class InfoHandlers:
                 "decode_prealloc_queue_reqs": 0,
                 "decode_transfer_queue_reqs": 0,
                 "decode_retracted_queue_reqs": 0,
-                "kv_transfer_speed_gb_s": 0.0,
-                "kv_transfer_latency_ms": 0.0,
+                # The engine's transfer model (one NIC per GPU plus a fixed set-up latency); 0 without PD.
+                "kv_transfer_speed_gb_s": round(eng.perf.gpu.nic_bandwidth / _GB, 3)
+                if mode != "null"
+                else 0.0,
+                "kv_transfer_latency_ms": round(eng.perf.cal.pd_transfer_latency_s * 1e3, 3)
+                if mode != "null"
+                else 0.0,
             }
         if wants("queues"):
             entry["queues"] = {"waiting": load.num_waiting_reqs, "grammar": 0, "paused": 0, "retracted": 0}
