@@ -81,7 +81,20 @@ async def big(ex: Exchange) -> None:
     ex.writer.write(plain(BIG, ("content-type", "application/octet-stream")))
 
 
+async def until_close(ex: Exchange) -> None:
+    ex.writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nall of it")
+    await ex.writer.drain()
+    ex.writer.close()
+    raise ConnectionResetError  # ends the server loop for this connection
+
+
+async def no_content(ex: Exchange) -> None:
+    ex.writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+
 HANDLERS = {
+    "/until-close": until_close,
+    "/no-content": no_content,
     "/big": big,
     "/echo": echo,
     "/gzip": gzipped,
@@ -306,3 +319,18 @@ async def test_idle_connections_expire_before_the_server_would_close_them(server
             await asyncio.sleep(0.6)
         assert server.connections - before == 2, name  # the idle one was not reused after expiry
         await transport.aclose()
+
+
+async def test_body_delimited_by_connection_close(transport: Transport, server: ScriptedServer) -> None:
+    response = await transport.send(UpstreamRequest("GET", server.url + "/until-close"))
+    assert await response.aread() == b"all of it"
+    await response.aclose()
+
+
+async def test_no_content_then_reuse(transport: Transport, server: ScriptedServer) -> None:
+    for _ in range(2):
+        response = await transport.send(UpstreamRequest("POST", server.url + "/no-content", body=b"{}"))
+        assert response.status == 204
+        assert await response.aread() == b""
+        await response.aclose()
+    assert server.connections == 1
