@@ -109,10 +109,28 @@ class BoundedLoad:
 
 
 class TtftScorer:
+    """Estimated TTFT, plus ``work_weight`` × this request's own prefill time there.
+
+    TTFT alone is myopic: a miss on a slightly shorter queue wins the request a few milliseconds but
+    adds its whole prompt to the cluster's prefill work, which everyone queued after it pays for.
+    Charging the uncached prefill once more (weight 1) counts that cost; 0 is pure TTFT.
+    """
+
     name = "ttft"
 
+    def __init__(self, work_weight: float = 1.0) -> None:
+        self.work_weight = work_weight
+
     def score(self, features: RequestFeatures, snapshot: Snapshot, index: int) -> float:
-        return cost.ttft_s(features, snapshot.targets[index])
+        target = snapshot.targets[index]
+        seconds = cost.ttft_s(features, target)
+        if self.work_weight:
+            seconds += (
+                self.work_weight
+                * cost.uncached_tokens(features, target)
+                / max(target.prefill_tokens_per_s, 1.0)
+            )
+        return seconds
 
 
 class Pick:

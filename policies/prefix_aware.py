@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 
+from policies import cost
 from policies.pieces import (
     BoundedLoad,
     CandidateSource,
@@ -53,8 +54,10 @@ class PrefixAware:
         pick = self.picker.pick(snapshot, scored, rng)
         targets = snapshot.targets
         chosen = targets[pick.index]
-        best_s = next(s for s, i in pick.ranked if i == pick.index)
-        runner_up = next(((s, i) for s, i in pick.ranked if i != pick.index), None)
+        # Scores may weigh more than TTFT; the receipt reports the TTFT estimates themselves.
+        best_s = cost.ttft_s(features, chosen)
+        second = next((i for _, i in pick.ranked if i != pick.index), None)
+        runner_up = None if second is None else (cost.ttft_s(features, targets[second]), second)
         return Decision(
             target=chosen.key,
             policy=self.name,

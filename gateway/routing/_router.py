@@ -7,7 +7,7 @@ import math
 import random
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -52,7 +52,7 @@ _DEFAULT_MAX_NEW_TOKENS = 128
 _UNKNOWN_CAPACITY_TOKENS = 500_000
 # A lease's prompt tokens stop counting as queued prefill after margin × expected TTFT + slack.
 _PREFILL_MARGIN = 1.5
-_PREFILL_SLACK_S = 0.25
+_PREFILL_SLACK_S = 0.0
 
 
 class WorkerLike(Protocol):
@@ -121,6 +121,7 @@ class Route(Generic[W]):
         "_lease",
         "_predicted_blocks",
         "_prior_stamps",
+        "_settled_below",
         "decision",
         "dp_rank",
         "receipt_headers",
@@ -147,6 +148,9 @@ class Route(Generic[W]):
         self._blocks = blocks
         self._predicted_blocks = predicted_blocks
         self._prior_stamps = prior_stamps
+        # Blocks recorded at or after this stamp were recorded by requests still in flight when
+        # this one was routed: the server may not have cached them yet (no evidence of eviction).
+        self._settled_below: int | None = None
         self._finished = False
 
     @property
@@ -235,6 +239,9 @@ class Router(Generic[W]):
         self._bytes_per_token: dict[str, float] = {}  # per worker URL, and per model under "model:"
         self._capacity_scale: dict[TargetKey, float] = {}
         self._live: weakref.WeakSet[Route[W]] = weakref.WeakSet()
+        # Per target, this Router's requests in flight there: route id -> stamp of its record, in
+        # routing order (so the first is the oldest).
+        self._open: dict[TargetKey, OrderedDict[int, int]] = {}
         self._renewed_at = clock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
@@ -484,6 +491,13 @@ class Router(Generic[W]):
             prior_stamps=prior_stamps if lease.target == first else (),
         )
         self._live.add(route)
+        open_here = self._open.setdefault(lease.target, OrderedDict())
+        if lease.target == first:
+            route._settled_below = next(iter(open_here.values()), None)
+        if blocks.hashes:
+            recorded = state.index.stamps(lease.target, blocks.hashes[:1])
+            if recorded:
+                open_here[id(route)] = recorded[0]
         self._decisions.append(
             {
                 "model": model,
@@ -507,7 +521,13 @@ class Router(Generic[W]):
         if now - self._renewed_at < self._renew_interval:
             return
         self._renewed_at = now
-        leases = [route._lease for route in self._live if not route._finished]
+        live = [route for route in self._live if not route._finished]
+        # Routes dropped without finish() must not hold back index corrections forever.
+        alive = {id(route) for route in live}
+        for open_here in self._open.values():
+            for stale in [key for key in open_here if key not in alive]:
+                del open_here[stale]
+        leases = [route._lease for route in live]
         if leases:
             self._spawn(self.store.renew(leases))
 
@@ -526,6 +546,9 @@ class Router(Generic[W]):
             return
         route._finished = True
         self._live.discard(route)
+        open_here = self._open.get(route._lease.target)
+        if open_here is not None:
+            open_here.pop(id(route), None)
         lease = route._lease
         model = lease.model
         blocks = route._blocks
@@ -550,13 +573,17 @@ class Router(Generic[W]):
         predicted_blocks = route._predicted_blocks
         if outcome.cached_tokens is not None:
             cached_blocks = int(outcome.cached_tokens / tokens_per_block)
-            # Two blocks of slack absorb the bytes-per-token estimate and page alignment.
-            if cached_blocks + 2 <= predicted_blocks:
-                if cached_blocks < len(route._prior_stamps):
-                    # Strict LRU on the server: what it lost first, it had not used since then.
-                    forget_through = route._prior_stamps[cached_blocks]
+            # Slack for the bytes-per-token estimate and page alignment: 2 blocks and 10 %.
+            short = cached_blocks + 2 + predicted_blocks // 10 <= predicted_blocks
+            lost_stamp = (
+                route._prior_stamps[cached_blocks] if cached_blocks < len(route._prior_stamps) else None
+            )
+            settled = route._settled_below
+            if short and lost_stamp is not None and (settled is None or lost_stamp < settled):
+                # Strict LRU on the server: what it lost first, it had not used since then.
+                forget_through = lost_stamp
                 new_scale = max(scale * _SHRINK, _MIN_SCALE)
-            elif predicted_blocks > 0:
+            elif predicted_blocks > 0 and not short:
                 new_scale = min(scale * _RECOVER, 1.0)
             if not outcome.ok:
                 forget = blocks.hashes[max(cached_blocks, predicted_blocks) :]

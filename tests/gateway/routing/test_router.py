@@ -262,3 +262,33 @@ async def test_unknown_capacity_still_indexes_prompts() -> None:
     await router.finish(await router.route(prompt("u")), Outcome(ok=True))
     again = await router.route(prompt("u"))
     assert again.decision.predicted_cached_tokens >= 500
+
+
+async def test_a_miss_behind_an_unfinished_prefill_is_not_taken_for_eviction() -> None:
+    store = MemoryStore()
+    router = Router(FakeRegistry([FakeWorker("http://a")]), store, get_policy("prefix_aware"), seed=1)
+    await router.finish(await router.route(prompt("o")), Outcome(ok=True, prompt_tokens=512, cached_tokens=0))
+    first = await router.route(prompt("p"))
+    second = await router.route(prompt("p"))  # same prompt while the first is still in flight
+    assert second.decision.predicted_cached_tokens >= 500
+    # SGLang batched both before the first's KV was cached: the second reports no hit
+    await router.finish(second, Outcome(ok=True, prompt_tokens=512, cached_tokens=0))
+    await router.finish(first, Outcome(ok=True, prompt_tokens=512, cached_tokens=0))
+    target = TargetKey("http://a")
+    index = store.model("m").index
+    assert all(index.holds(target, h) for h in router_blocks("o"))  # nothing was evicted
+    assert index.budget(target) == 100_000 // 64  # nor did the capacity estimate shrink (4 B/token)
+
+
+async def test_a_near_miss_within_estimate_error_is_not_eviction() -> None:
+    store = MemoryStore()
+    router = Router(FakeRegistry([FakeWorker("http://a")]), store, get_policy("prefix_aware"), seed=1)
+    long_text = RoutingRequest(model="m", endpoint="generate", text="k" * 64_000)  # 250 blocks
+    await router.finish(
+        await router.route(long_text), Outcome(ok=True, prompt_tokens=16_000, cached_tokens=0)
+    )
+    again = await router.route(long_text)
+    predicted = again.decision.predicted_cached_tokens
+    # 4 % fewer than predicted: the bytes-per-token estimate, not an eviction
+    await router.finish(again, Outcome(ok=True, prompt_tokens=16_000, cached_tokens=int(predicted * 0.96)))
+    assert store.model("m").index.blocks_on(TargetKey("http://a")) == 250
