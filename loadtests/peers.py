@@ -11,6 +11,9 @@ DP ranks: ``dp_aware=True`` gives sglang-router ``--dp-aware`` (it reads dp_size
 /server_info and routes to ``url@rank``) and vllm-router ``--intra-node-data-parallel-size``
 ``intra_node_dp_size``. PD: ``prefill=[(url, bootstrap_port|None), ...]`` and ``decode=[url, ...]``
 switch on ``--pd-disaggregation`` (sglang-router) / ``--vllm-pd-disaggregation`` (vllm-router).
+Only sglang-router speaks SGLang's PD protocol (``SGLANG_PD_CAPABLE``): vllm-router 0.1.17 sends no
+``bootstrap_room`` (SGLang, and the simulator, answer 400 "Disaggregated request received without
+bootstrap room id"), and with ``--kv-connector mooncake`` it polls a vLLM-only ``/query`` endpoint.
 
     python -m loadtests.peers sglang-router --worker http://127.0.0.1:30000 --policy cache_aware
 starts one and prints ``PEER-READY <url>`` until interrupted.
@@ -54,6 +57,9 @@ POLICIES: dict[PeerKind, frozenset[str]] = {
         }
     ),
 }
+
+# Whether the peer can drive SGLang prefill/decode servers (checked against the simulator).
+SGLANG_PD_CAPABLE: dict[PeerKind, bool] = {"sglang-router": True, "vllm-router": False}
 
 
 class PeerSpec(msgspec.Struct, frozen=True):
