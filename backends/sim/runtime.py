@@ -318,8 +318,9 @@ class Runtime:
         finally:
             self._inflight.pop(item.rid, None)
             if not finished:
-                # The consumer went away (client disconnect, stream cut): free the rank.
+                # The consumer went away (client disconnect, stream cut): free the rank, release the decode.
                 driver.abort(item.rid)
+                self._pd_publish(item, FinishReason(type="abort", message="prefill aborted"), [], 0, 0)
                 if item.log_metrics:
                     self.metrics.request_aborted()
 
@@ -449,6 +450,7 @@ class Runtime:
             self._admitting.pop(item.rid, None)
         if not admission.done():
             admission.cancel()
+            self._pd_publish(item, FinishReason(type="abort", message="prefill aborted"), [], 0, 0)
             raise RequestError("Abort before prefill", status=400)
         return admission.result()
 

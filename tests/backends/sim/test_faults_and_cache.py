@@ -285,3 +285,24 @@ async def test_stop_with_streams_in_flight_ends_them(start_server: StartServer) 
     await asyncio.wait_for(asyncio.gather(*streams), 5)
     assert time.perf_counter() - t0 < 5
     assert b'"type":"abort"' in b"".join(received)
+
+
+async def test_prefill_client_leaving_fails_the_waiting_decode_fast(start_server: StartServer) -> None:
+    prefill = await start_server(disaggregation_mode="prefill", disaggregation_bootstrap_port=0)
+    decode = await start_server(disaggregation_mode="decode", waiting_timeout_s=60)
+    body = {
+        "text": "x",
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": prefill.bootstrap_port,
+        "bootstrap_room": 4242,
+        "sampling_params": {"max_new_tokens": 60000, "ignore_eos": True},
+    }
+    async with httpx.AsyncClient(timeout=30) as c:
+        # The prefill's client leaves while the prefill still waits for its decode to connect.
+        with pytest.raises(httpx.ReadTimeout):
+            await c.post(prefill.url + "/generate", json=body, timeout=0.2)
+        t0 = time.perf_counter()
+        r = await c.post(decode.url + "/generate", json=body)
+    assert r.status_code == 500
+    assert "Failed to get kvcache from prefill instance" in r.json()["message"]
+    assert time.perf_counter() - t0 < 10
