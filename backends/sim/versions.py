@@ -2,8 +2,21 @@
 
 SGLang changed its HTTP protocol several times (see the wire-protocol reference); a gateway must cope with
 servers of every age, so the simulator can pretend to be any of them. Behaviour is keyed by the date a change
-landed on SGLang's main branch; a version string maps to the date of its release. The release dates are
-approximate (to the week) — what matters is which side of each protocol change a version falls on.
+landed on SGLang's main branch; a version string maps to a release date, and `--sglang-version` also takes a
+date (YYYY-MM-DD) to sit exactly on either side of a change. Dates up to 0.5.6 are the releases' (to the
+week); later ones are assumed (roughly monthly) — what matters is which side of each change a version is on:
+
+    version  date        /generate DP key                 /get_load        /v1/loads            info paths
+    0.5.0    2025-08-12  data_parallel_rank               {"load": n}      404                  get_* only
+    0.5.2    2025-09-11  data_parallel_rank               per-rank list    404                  get_* only
+    0.5.6    2025-12-03  data_parallel_rank               per-rank list    404                  + /server_info
+    0.5.8    2026-01-28  data_parallel_rank               per-rank list    + aggregate          + /server_info
+    0.5.10   2026-03-16  routed_dp_rank (+ old alias)     per-rank list    + aggregate          + /server_info
+    0.5.12   2026-05-06  routed_dp_rank (+ old alias)     + pending, ts    + aggregate          + /server_info
+    0.5.13   2026-05-31  routed_dp_rank (+ old alias)     + pending, ts    no aggregate         + kv_events
+    0.5.15   2026-07-14  routed_dp_rank only              + pending, ts    no aggregate         + kv_events
+    (/v1/* accept both keys from 2026-02-24, only data_parallel_rank before; structured stream error chunks
+    from 2026-06-06; short meta_info before 2025-09; tokenizer metrics' engine_type label from 2026-04-28.)
 """
 
 from __future__ import annotations
@@ -34,9 +47,8 @@ RELEASE_DATES: dict[str, dt.date] = {
 NEWEST_VERSION = "0.5.15"
 
 # Protocol changes, by the date they landed (wire-protocol reference).
-EXTENDED_META_INFO = dt.date(
-    2025, 9, 1
-)  # weight_version, num_retractions, dp_rank... (assumed; doc: "Aug 2025")
+# weight_version, num_retractions, dp_rank... in meta_info (assumed; the reference: Aug 2025 lacked them)
+EXTENDED_META_INFO = dt.date(2025, 9, 1)
 GET_LOAD_LIST = dt.date(2025, 9, 1)  # /get_load: {"load":n} -> per-rank list
 NEW_INFO_PATHS = dt.date(2025, 11, 17)  # /model_info and /server_info (the get_* forms stay as aliases)
 V1_LOADS = dt.date(2026, 1, 14)  # /v1/loads appears, with dp_rank_count + aggregate
