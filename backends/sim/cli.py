@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--servers", type=int, default=1, help="regular (non-PD) servers")
     cluster.add_argument("--prefill", type=int, default=0)
     cluster.add_argument("--decode", type=int, default=0)
+    cluster.add_argument("--prefill-dp-size", type=int, default=None, help="default: --dp-size")
+    cluster.add_argument("--decode-dp-size", type=int, default=None, help="default: --dp-size")
     cluster.add_argument("--base-port", type=int, default=0, help="first port (0: any free ports)")
     _common(cluster)
     return parser
@@ -152,6 +154,8 @@ async def _run(args: argparse.Namespace) -> None:
             base=_settings(args),
             base_port=args.base_port,
             faults=_faults(args),
+            prefill_dp_size=args.prefill_dp_size,
+            decode_dp_size=args.decode_dp_size,
         )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

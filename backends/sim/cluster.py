@@ -40,6 +40,8 @@ class ClusterSpec:
     base_port: int = 0
     custom: tuple[ServerSettings, ...] = ()
     faults: Faults | None = None
+    prefill_dp_size: int | None = None  # None: base.dp_size
+    decode_dp_size: int | None = None
 
     def server_settings(self) -> list[ServerSettings]:
         roles = ["null"] * self.servers + ["prefill"] * self.prefill + ["decode"] * self.decode
@@ -49,6 +51,7 @@ class ClusterSpec:
         for i, role in enumerate(roles):
             port = self.base_port + i if self.base_port else 0
             boot = self.base.disaggregation_bootstrap_port
+            dp_size = {"prefill": self.prefill_dp_size, "decode": self.decode_dp_size}.get(role)
             if role == "prefill":
                 boot = self.base_port + total + boot_index if self.base_port else 0
                 boot_index += 1
@@ -59,6 +62,7 @@ class ClusterSpec:
                     disaggregation_mode=role,  # type: ignore[arg-type]
                     disaggregation_bootstrap_port=boot,
                     seed=self.base.seed + i,
+                    dp_size=dp_size if dp_size is not None else self.base.dp_size,
                 )
             )
         out.extend(self.custom)

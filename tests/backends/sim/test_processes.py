@@ -159,13 +159,16 @@ async def test_cluster_command_prints_ready_line_and_stops_on_sigterm() -> None:
         "1",
         "--dp-size",
         "2",
+        "--decode-dp-size",
+        "4",
         "--time-scale",
         str(FAST),
     ) as proc:
         servers = proc.ready["servers"]
         assert [s["role"] for s in servers] == ["regular", "regular", "prefill", "decode"]
         assert all(set(s) == {"url", "role", "bootstrap_port", "dp_size", "model"} for s in servers)
-        assert all(s["dp_size"] == 2 and s["model"] == "deepseek-ai/DeepSeek-V3" for s in servers)
+        assert [s["dp_size"] for s in servers] == [2, 2, 2, 4]
+        assert all(s["model"] == "deepseek-ai/DeepSeek-V3" for s in servers)
         async with httpx.AsyncClient() as c:
             for s in servers:
                 assert (await c.get(s["url"] + "/health")).status_code == 200
