@@ -556,11 +556,12 @@ class Router(Generic[W]):
         if blocks.unit == "bytes" and outcome.prompt_tokens and blocks.length > 0:
             observed = blocks.length / outcome.prompt_tokens
             if observed > 0:
-                before = self.bytes_per_token(worker.url, model)
                 self._learn_bytes_per_token(worker.url, observed)
                 self._learn_bytes_per_token("model:" + model, observed)
                 table = self._tables.get(model)
-                if table is not None and abs(self.bytes_per_token(worker.url, model) / before - 1) > 0.05:
+                index = self.store.model(model).index
+                wanted = self._budget_blocks(model, worker, lease.target)
+                if table is not None and abs(wanted / index.budget(lease.target) - 1) > 0.05:
                     # The capacity in blocks moved noticeably: re-bound this worker's targets.
                     self._set_budgets(model, table, self.store.model(model), worker.url)
 

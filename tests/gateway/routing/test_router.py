@@ -292,3 +292,15 @@ async def test_a_near_miss_within_estimate_error_is_not_eviction() -> None:
     # 4 % fewer than predicted: the bytes-per-token estimate, not an eviction
     await router.finish(again, Outcome(ok=True, prompt_tokens=16_000, cached_tokens=int(predicted * 0.96)))
     assert store.model("m").index.blocks_on(TargetKey("http://a")) == 250
+
+
+async def test_every_worker_budget_follows_the_learned_bytes_per_token() -> None:
+    store = MemoryStore()
+    router = Router(two_servers(), store, get_policy("round_robin"), seed=1)
+    for _ in range(2):  # one request on each worker, both at 8 bytes per token
+        await router.finish(
+            await router.route(prompt("b")), Outcome(ok=True, prompt_tokens=256, cached_tokens=0)
+        )
+    index = store.model("m").index
+    # 100,000 tokens at 8 B/token in 256-byte blocks (32 tokens per block)
+    assert index.budget(TargetKey("http://a")) == index.budget(TargetKey("http://b")) == 3125
