@@ -22,7 +22,7 @@ from gateway.registry._models import (
     WorkerSpec,
     normalise_url,
 )
-from gateway.upstream import Transport, UpstreamError, UpstreamRequest
+from gateway.upstream import Transport, UpstreamError, UpstreamPoolTimeout, UpstreamRequest
 from policies.types import Role
 
 _NOT_THERE = frozenset({404, 405})
@@ -33,10 +33,17 @@ class DiscoveryError(Exception):
     """The server could not be asked, or its answer made no sense."""
 
 
+class GatewaySaturated(DiscoveryError):
+    """Every upstream connection of the gateway was busy: the server was not asked, so nothing is
+    known about its health (counting this as a failure would take healthy servers out exactly when
+    the gateway is busiest)."""
+
+
 async def http_get(transport: Transport, url: str, timeout_s: float) -> tuple[int, bytes]:
-    """GET ``url``; the whole exchange is bounded by ``timeout_s`` (plus a little for connect)."""
+    """GET ``url``. The transport bounds each step by ``timeout_s``; the outer bound only guards
+    against a transport that does not (it is loose enough to let a pool wait surface as such)."""
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout(3 * timeout_s + 1.0):
             response = await transport.send(UpstreamRequest("GET", url, _ACCEPT_JSON, b"", timeout=timeout_s))
             try:
                 body = await response.aread()
@@ -44,6 +51,8 @@ async def http_get(transport: Transport, url: str, timeout_s: float) -> tuple[in
                 await response.aclose()
     except TimeoutError as exc:
         raise DiscoveryError(f"GET {url} timed out after {timeout_s}s") from exc
+    except UpstreamPoolTimeout as exc:
+        raise GatewaySaturated(f"GET {url} not sent: {exc}") from exc
     except UpstreamError as exc:
         raise DiscoveryError(f"GET {url} failed: {exc}") from exc
     return response.status, body

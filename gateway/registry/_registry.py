@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 import msgspec
 
 from backends.sglang import RankLoadReport, dialect, parse_get_load, parse_v1_loads
-from gateway.registry._discovery import DiscoveryError, discover, http_get, undiscovered
+from gateway.registry._discovery import DiscoveryError, GatewaySaturated, discover, http_get, undiscovered
 from gateway.registry._health import HealthTracker
 from gateway.registry._models import ReportedLoad, Worker, WorkerSpec, normalise_url
 from gateway.upstream import Transport
@@ -196,6 +196,9 @@ class WorkerRegistry:
         if not entry.worker.discovered:
             try:
                 entry.worker = await discover(entry.spec, self._transport, self._timeout_s)
+            except GatewaySaturated as exc:
+                log.warning("worker %s not asked (gateway saturated): %s", entry.worker.url, exc)
+                return
             except DiscoveryError as exc:
                 log.warning("worker %s not reachable yet: %s", entry.worker.url, exc)
                 self._observe(entry, ok=False)
@@ -210,6 +213,8 @@ class WorkerRegistry:
             )
             just_discovered = True
         ok = await self._probe_health(entry.worker.url)
+        if ok is None:
+            return
         was_healthy = entry.health.healthy
         coming_back = not was_healthy and entry.health.successes + 1 >= self._recover_threshold
         if ok and coming_back and not just_discovered:
@@ -218,13 +223,18 @@ class WorkerRegistry:
                 entry.worker = msgspec.structs.replace(
                     await discover(entry.spec, self._transport, self._timeout_s), healthy=False
                 )
+            except GatewaySaturated:
+                return
             except DiscoveryError:
                 ok = False
         self._observe(entry, ok)
 
-    async def _probe_health(self, url: str) -> bool:
+    async def _probe_health(self, url: str) -> bool | None:
+        """True/False, or None when the gateway could not even ask (all its connections busy)."""
         try:
             status, _ = await http_get(self._transport, url + "/health", self._timeout_s)
+        except GatewaySaturated:
+            return None
         except DiscoveryError:
             return False
         return status == 200

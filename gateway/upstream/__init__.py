@@ -20,6 +20,7 @@ from gateway.upstream._exceptions import (
     UpstreamConnectTimeout,
     UpstreamDisconnected,
     UpstreamError,
+    UpstreamPoolTimeout,
     UpstreamTimeout,
 )
 from gateway.upstream._factory import DEFAULT_TRANSPORT, TRANSPORT_NAMES, make_transport
@@ -33,6 +34,7 @@ __all__ = [
     "UpstreamConnectTimeout",
     "UpstreamDisconnected",
     "UpstreamError",
+    "UpstreamPoolTimeout",
     "UpstreamRequest",
     "UpstreamResponse",
     "UpstreamTimeout",

@@ -22,5 +22,13 @@ class UpstreamConnectTimeout(UpstreamConnectError, UpstreamTimeout):
     """Connecting (or waiting for a pooled connection) took longer than allowed; nothing was sent."""
 
 
+class UpstreamPoolTimeout(UpstreamConnectTimeout):
+    """Every pooled connection stayed busy for the whole wait: the gateway, not the server, is saturated.
+
+    Nothing was sent. (The aiohttp transport cannot tell this apart from a slow connect and raises
+    UpstreamConnectTimeout for both.)
+    """
+
+
 class UpstreamDisconnected(UpstreamError):
     """The connection died after the request may have reached the server (not safe to retry blindly)."""

@@ -24,6 +24,7 @@ from gateway.upstream._exceptions import (
     UpstreamConnectTimeout,
     UpstreamDisconnected,
     UpstreamError,
+    UpstreamPoolTimeout,
     UpstreamTimeout,
 )
 from gateway.upstream._headers import request_headers, response_headers
@@ -335,7 +336,7 @@ class HttptoolsTransport:
                     raise TimeoutError
                 await asyncio.wait_for(waiter, remaining)
             except TimeoutError:
-                raise UpstreamConnectTimeout(
+                raise UpstreamPoolTimeout(
                     f"no free upstream connection (all {self._max_connections} busy)"
                 ) from None
             finally:

@@ -16,6 +16,7 @@ from gateway.upstream._exceptions import (
     UpstreamConnectTimeout,
     UpstreamDisconnected,
     UpstreamError,
+    UpstreamPoolTimeout,
     UpstreamTimeout,
 )
 from gateway.upstream._headers import request_headers, response_headers
@@ -26,7 +27,9 @@ _NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 def _translate(module: Any, exc: BaseException, *, sending: bool) -> UpstreamError:
     """Map an httpx(2) exception to the seam's classification."""
-    if isinstance(exc, module.ConnectTimeout | module.PoolTimeout):
+    if isinstance(exc, module.PoolTimeout):
+        return UpstreamPoolTimeout(str(exc) or "no free upstream connection")
+    if isinstance(exc, module.ConnectTimeout):
         return UpstreamConnectTimeout(str(exc) or type(exc).__name__)
     if isinstance(exc, module.ConnectError | module.UnsupportedProtocol):
         return UpstreamConnectError(str(exc) or type(exc).__name__)

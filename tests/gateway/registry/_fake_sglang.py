@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -57,6 +58,12 @@ class FakeSglang:
         self.hits[path] = self.hits.get(path, 0) + 1
         info_paths = ("/server_info", "/get_server_info") if self.new_info_paths else ("/get_server_info",)
         model_paths = ("/model_info", "/get_model_info") if self.new_info_paths else ("/get_model_info",)
+        if path == "/forever":
+            response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await response.prepare(request)
+            while True:
+                await response.write(b"data: {}\n\n")
+                await asyncio.sleep(0.05)
         if path == "/health":
             return web.Response(status=200 if self.healthy else 503)
         if path in info_paths:

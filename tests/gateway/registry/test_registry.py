@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from gateway.registry import ReportedLoad, Role, TargetKey, WorkerRegistry, WorkerSpec
-from gateway.upstream import Transport, make_transport
+from gateway.upstream import Transport, UpstreamRequest, make_transport
 from tests.gateway.registry._fake_sglang import FakeSglang
 from tests.gateway.upstream._server import closed_port
 
@@ -274,3 +274,30 @@ async def test_passive_failures_count_toward_the_threshold(transport: Transport)
 def test_duplicate_specs_are_refused(transport: Transport) -> None:
     with pytest.raises(ValueError, match="twice"):
         WorkerRegistry([WorkerSpec("http://a:1"), WorkerSpec("http://a:1/")], transport)
+
+
+async def test_a_saturated_gateway_does_not_take_healthy_servers_out() -> None:
+    # One connection in the pool, held by a never-ending stream: health checks cannot even be sent.
+    transport = make_transport("httptools", max_connections=1, connect_timeout=0.1, read_timeout=0.1)
+    async with FakeSglang() as server:
+        registry = WorkerRegistry(
+            [WorkerSpec(server.url)],
+            transport,
+            fail_threshold=1,
+            health_interval_s=0.05,
+            load_interval_s=0.05,
+            request_timeout_s=0.1,
+        )
+        await registry.start()
+        try:
+            held = await transport.send(UpstreamRequest("GET", server.url + "/forever"))
+            checks = server.hits["/health"]
+            await asyncio.sleep(0.6)
+            assert server.hits["/health"] == checks  # nothing could be sent...
+            assert registry.workers()  # ...and that is not held against the server
+            await held.aclose()
+            await eventually(lambda: server.hits["/health"] > checks)
+            assert registry.workers()
+        finally:
+            await registry.stop()
+            await transport.aclose()
