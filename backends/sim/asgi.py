@@ -50,6 +50,7 @@ class HttpRequest:
         "receive",
         "scope",
         "send",
+        "status",
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -74,6 +75,7 @@ class HttpRequest:
         )
         self._stream_started = False
         self._started = False
+        self.status = 0
 
     async def body(self) -> bytes:
         chunks: list[bytes] = []
@@ -108,6 +110,7 @@ class HttpRequest:
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self._started = True
+        self.status = status
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def respond_json(self, status: int, payload: object) -> None:

@@ -141,6 +141,9 @@ class ServerMetrics:
         self.generation_tokens = 0
         self.cached_tokens = 0
         self.running = 0
+        self.http_requests: dict[tuple[str, str], int] = {}
+        self.http_responses: dict[tuple[str, str, str], int] = {}
+        self.http_active = 0
         self.ttft = Histogram(
             "sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
         )
@@ -158,6 +161,16 @@ class ServerMetrics:
         self.generation_hist = Histogram(
             "sglang:generation_tokens_histogram", "Histogram of generation token length.", TOKEN_BUCKETS
         )
+
+    def http_started(self, endpoint: str, method: str) -> None:
+        key = (endpoint, method)
+        self.http_requests[key] = self.http_requests.get(key, 0) + 1
+        self.http_active += 1
+
+    def http_finished(self, endpoint: str, method: str, status: int) -> None:
+        key = (endpoint, str(status), method)
+        self.http_responses[key] = self.http_responses.get(key, 0) + 1
+        self.http_active -= 1
 
     def request_started(self) -> None:
         self.running += 1
@@ -212,8 +225,26 @@ class ServerMetrics:
         for histogram in (self.ttft, self.itl, self.e2e, self.prompt_hist, self.generation_hist):
             histogram.render(tl, out)
         self._render_gauges(loads, waiting_pd, out)
+        self._render_http(out)
         out.append("")
         return "\n".join(out).encode()
+
+    def _render_http(self, out: list[str]) -> None:
+        out.append("# HELP sglang:http_requests_total Total number of HTTP requests by endpoint and method.")
+        out.append("# TYPE sglang:http_requests_total counter")
+        for (endpoint, method), count in self.http_requests.items():
+            labels = f'endpoint="{endpoint}",method="{method}"'
+            out.append(f"sglang:http_requests_total{{{labels}}} {go_float(count)}")
+        out.append(
+            "# HELP sglang:http_responses_total Total number of HTTP responses by endpoint and status."
+        )
+        out.append("# TYPE sglang:http_responses_total counter")
+        for (endpoint, status, method), count in self.http_responses.items():
+            labels = f'endpoint="{endpoint}",status_code="{status}",method="{method}"'
+            out.append(f"sglang:http_responses_total{{{labels}}} {go_float(count)}")
+        out.append("# HELP sglang:http_requests_active Number of HTTP requests being served.")
+        out.append("# TYPE sglang:http_requests_active gauge")
+        out.append(f"sglang:http_requests_active {go_float(self.http_active)}")
 
     def _render_gauges(self, loads: Sequence[RankLoad], waiting_pd: Sequence[int], out: list[str]) -> None:
         s = self._settings

@@ -64,6 +64,7 @@ class SimServer:
         self._relisten_task: asyncio.Task[None] | None = None
         self._listening = True
         self._routes = self._build_routes()
+        self._metrics = self.runtime.metrics if settings.enable_metrics else None
 
     # ---- public API ------------------------------------------------------------------------------------
 
@@ -246,6 +247,17 @@ class SimServer:
             await req.respond(404, NOT_FOUND)
             return
         methods, handler = route
+        if self._metrics is not None and req.method in methods:
+            # Only known routes are counted, so random paths cannot grow the label set.
+            self._metrics.http_started(path, req.method)
+            try:
+                await self._serve_route(req, methods, handler)
+            finally:
+                self._metrics.http_finished(path, req.method, req.status)
+            return
+        await self._serve_route(req, methods, handler)
+
+    async def _serve_route(self, req: HttpRequest, methods: frozenset[str], handler: Handler) -> None:
         if req.method not in methods:
             if req.method == "OPTIONS" and "access-control-request-method" in req.headers:
                 await self._preflight(req)

@@ -214,6 +214,9 @@ async def test_metrics(client: httpx.AsyncClient) -> None:
     )
     assert 'sglang:num_requests_total{model_name="deepseek-ai/DeepSeek-V3",engine_type="unified"} 1.0' in text
     assert 'dp_rank="1"' in text
+    assert 'sglang:http_requests_total{endpoint="/generate",method="POST"} 1.0' in text
+    assert 'sglang:http_responses_total{endpoint="/generate",status_code="200",method="POST"} 1.0' in text
+    assert "sglang:http_requests_active 1.0" in text  # the scrape itself
     les = [
         line.split('le="')[1].split('"')[0]
         for line in text.splitlines()
