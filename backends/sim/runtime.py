@@ -132,6 +132,9 @@ class Runtime:
         self._inflight: dict[str, _Tracking] = {}
         self._admitting: dict[str, asyncio.Event] = {}
         self._output_waiters: list[asyncio.Future[None]] = []
+        self.hang_released = asyncio.Event()
+        if not self.faults.hang:
+            self.hang_released.set()
         self.drivers: list[RankDriver] = []
         self.ready = False
 
@@ -168,6 +171,13 @@ class Runtime:
         if self.kv_client is not None:
             await self.kv_client.aclose()
         self.rooms.close()
+
+    def set_faults(self, faults: Faults) -> None:
+        self.faults = faults
+        if faults.hang:
+            self.hang_released.clear()
+        else:
+            self.hang_released.set()
 
     # ---- queries ---------------------------------------------------------------------------------------
 

@@ -86,7 +86,7 @@ class SimServer:
 
     async def set_faults(self, faults: Faults) -> None:
         faults.validate()
-        self.runtime.faults = faults
+        self.runtime.set_faults(faults)
         await self._apply_listening()
 
     async def start(self) -> None:
@@ -165,7 +165,9 @@ class SimServer:
     async def _relisten_after(self, faults: Faults) -> None:
         await asyncio.sleep(faults.refuse_for_s)
         if self.runtime.faults is faults:
-            self.runtime.faults = msgspec.structs.replace(faults, refuse_connections=False, refuse_for_s=0.0)
+            self.runtime.set_faults(
+                msgspec.structs.replace(faults, refuse_connections=False, refuse_for_s=0.0)
+            )
         await self._resume_listening()
 
     async def _resume_listening(self) -> None:

@@ -10,7 +10,7 @@ from types import TracebackType
 from backends.sim.asgi import JSON, HttpRequest
 from backends.sim.runtime import GenerationInput, Progress, Runtime
 
-_HANG_POLL_S = 0.02
+_HANG_POLL_S = 0.25
 
 
 class CutConnection(Exception):
@@ -53,8 +53,10 @@ class Exchange:
         faults = self._runtime.faults
         if faults.latency_ms > 0:
             await asyncio.sleep(faults.latency_ms / 1000.0)
-        while self._runtime.faults.hang and not self.disconnected:  # noqa: ASYNC110 - faults are plain data
-            await asyncio.sleep(_HANG_POLL_S)
+        while self._runtime.faults.hang and not self.disconnected:
+            # Woken when the hang is lifted; the timeout notices a client that gave up meanwhile.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._runtime.hang_released.wait(), _HANG_POLL_S)
         return not self.disconnected
 
     def track(self, items: list[GenerationInput]) -> None:
