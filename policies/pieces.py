@@ -90,7 +90,7 @@ class MatchedPlusSample:
 
 
 class BoundedLoad:
-    """Drop targets holding more than ``factor`` × mean in-flight + 1 requests, unless all do.
+    """Drop targets holding more than ``factor`` × mean in-flight + ``slack`` requests, unless all do.
 
     Consistent hashing with bounded loads (Mirrokni et al.; KubeAI uses 1.25): the cache may pull
     traffic towards a target, but never far past its share.
@@ -98,11 +98,14 @@ class BoundedLoad:
 
     name = "bounded-load"
 
-    def __init__(self, factor: float = 1.25) -> None:
+    def __init__(self, factor: float = 1.25, slack: float = 2.0) -> None:
         self.factor = factor
+        # Absolute headroom: at low load (mean ~0.5) one or two requests in flight barely delay a
+        # prefill, and refusing the cached target for them costs a whole prompt elsewhere.
+        self.slack = slack
 
     def keep(self, features: RequestFeatures, snapshot: Snapshot, candidates: list[int]) -> list[int]:
-        limit = self.factor * mean_inflight(snapshot) + 1.0
+        limit = self.factor * mean_inflight(snapshot) + self.slack
         targets = snapshot.targets
         kept = [i for i in candidates if targets[i].inflight_requests <= limit]
         return kept or candidates

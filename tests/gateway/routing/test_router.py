@@ -239,8 +239,8 @@ async def test_hits_stay_until_the_queue_there_outweighs_the_cache() -> None:
     router = Router(two_servers(), store, get_policy("prefix_aware"), seed=4, clock=clock)
     shared = "Quarterly report, full text. " * 550  # ~16 kB, ~4000 tokens
 
-    def ask(i: int) -> RoutingRequest:
-        return RoutingRequest(model="m", endpoint="generate", text=shared + f"Question {i}? " * 8)
+    def ask(i: int) -> RoutingRequest:  # the shared part, then ~2,000 tokens of its own
+        return RoutingRequest(model="m", endpoint="generate", text=shared + f"Attachment {i:04d}. " * 500)
 
     routes = [await router.route(ask(i)) for i in range(6)]  # all in flight at once
     home = routes[0].worker.url
