@@ -69,6 +69,9 @@ class WorkerRegistry:
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
         self._started = False
+        # Bumped on every change to any Worker; lets workers() answer from a cache on the hot path.
+        self._generation = 0
+        self._views: dict[tuple[str | None, Role | None, bool], tuple[int, list[Worker]]] = {}
         for spec in specs:
             url = normalise_url(spec.url)
             if url in self._entries:
@@ -107,9 +110,24 @@ class WorkerRegistry:
 
     # --- queries ---------------------------------------------------------------------------
 
+    @property
+    def generation(self) -> int:
+        """Changes whenever any worker is added, removed, discovered, or changes health."""
+        return self._generation
+
+    def _changed(self) -> None:
+        self._generation += 1
+
     def workers(
         self, model: str | None = None, role: Role | None = None, healthy_only: bool = True
     ) -> list[Worker]:
+        """The matching workers (a fresh list the caller may keep or change)."""
+        key = (model, role, healthy_only)
+        cached = self._views.get(key)
+        if cached is not None and cached[0] == self._generation:
+            return list(cached[1])
+        if len(self._views) > 256:
+            self._views.clear()
         out = []
         for entry in self._entries.values():
             worker = entry.worker
@@ -120,7 +138,8 @@ class WorkerRegistry:
             if role is not None and worker.role != role:
                 continue
             out.append(worker)
-        return out
+        self._views[key] = (self._generation, out)
+        return list(out)
 
     def worker(self, url: str) -> Worker | None:
         entry = self._entries.get(normalise_url(url))
@@ -164,6 +183,7 @@ class WorkerRegistry:
             return existing.worker
         entry = self._new_entry(spec)
         self._entries[url] = entry
+        self._changed()
         await self._check(entry)
         if self._started and self._entries.get(url) is entry:
             self._spawn_loops(entry)
@@ -173,6 +193,7 @@ class WorkerRegistry:
         entry = self._entries.pop(normalise_url(url), None)
         if entry is None:
             return False
+        self._changed()
         tasks, entry.tasks = entry.tasks, []
         await _cancel(tasks)
         return True
@@ -196,6 +217,7 @@ class WorkerRegistry:
         if not entry.worker.discovered:
             try:
                 entry.worker = await discover(entry.spec, self._transport, self._timeout_s)
+                self._changed()
             except GatewaySaturated as exc:
                 log.warning("worker %s not asked (gateway saturated): %s", entry.worker.url, exc)
                 return
@@ -223,6 +245,7 @@ class WorkerRegistry:
                 entry.worker = msgspec.structs.replace(
                     await discover(entry.spec, self._transport, self._timeout_s), healthy=False
                 )
+                self._changed()
             except GatewaySaturated:
                 return
             except DiscoveryError:
@@ -243,6 +266,7 @@ class WorkerRegistry:
         if entry.health.observe(ok):
             healthy = entry.health.healthy
             entry.worker = msgspec.structs.replace(entry.worker, healthy=healthy)
+            self._changed()
             log.warning("worker %s is now %s", entry.worker.url, "healthy" if healthy else "UNHEALTHY")
 
     # --- loads -----------------------------------------------------------------------------

@@ -98,11 +98,16 @@ async def test_health_thresholds_and_recovery(transport: Transport) -> None:
         await registry.start()
         try:
             assert registry.workers()
+            generation = registry.generation
+            mine = registry.workers()
+            mine.clear()  # callers get their own list
+            assert registry.workers()
             server.healthy = False
             before = server.hits["/health"]
             await eventually(lambda: not registry.workers())
             assert server.hits["/health"] - before >= 3  # not out before three failures in a row
             assert registry.workers(healthy_only=False)[0].healthy is False
+            assert registry.generation > generation
             assert registry.models() == ["deepseek-v3"]  # still known, just not routable
             server.dp_size = 3  # restarted with other settings while down
             server.healthy = True
