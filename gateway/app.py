@@ -1,6 +1,6 @@
 """The gateway application: components built once from the config, one ASGI app in front of them.
 
-    gateway = Gateway.from_config(config)        # transport, registry, router, telemetry
+    gateway = Gateway.from_config(config)        # transport, registry, router, telemetry, metrics
     app = create_app(gateway)                    # ASGI: hot paths raw, the rest litestar
     uvicorn.run(app, ...)                        # lifespan starts and stops the components
 
@@ -23,6 +23,7 @@ from litestar import Litestar
 
 from gateway.config import GatewayConfig
 from gateway.http import GatewayASGI, Proxy, ProxySettings, RouterLike, build_litestar
+from gateway.metrics import Metrics
 from gateway.pd import PDForwarder, PDSettings, make_pd_forwarder
 from gateway.pd.asgi import PDProxy
 from gateway.registry import Worker, WorkerRegistry, WorkerSpec
@@ -74,6 +75,7 @@ class Gateway:
         router: RouterLike,
         telemetry: Telemetry | None = None,
         pd: PDForwarder | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         # Prefill/decode pools (gateway.pd); None: regular workers only.
@@ -82,6 +84,8 @@ class Gateway:
         self.registry = registry
         self.router = router
         self.telemetry = telemetry if telemetry is not None else Telemetry()
+        # This process's Prometheus counters (GET /metrics).
+        self.metrics = metrics if metrics is not None else Metrics()
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> Gateway:
@@ -194,6 +198,7 @@ def create_app(gateway: Gateway) -> GatewayASGI:
             max_body_bytes=config.max_body_bytes, retries=config.retries, retry_after_s=config.retry_after_s
         ),
         on_connect_failure=report_failure,
+        metrics=gateway.metrics,
     )
     front: Proxy | PDProxy = proxy
     if gateway.pd is not None:
@@ -205,6 +210,7 @@ def create_app(gateway: Gateway) -> GatewayASGI:
             models=gateway.registry.models,
             telemetry=gateway.telemetry,
             max_body_bytes=config.max_body_bytes,
+            metrics=gateway.metrics,
         )
     return GatewayASGI(front, build_litestar(gateway, lifespan=lifespan))
 

@@ -40,6 +40,7 @@ from gateway.errors import (
 from gateway.http._asgi import ClientGone, Receive, Scope, Send, encode_headers, read_body, send_error
 from gateway.http._usage import Usage, usage_from_body, usage_from_stream_tail
 from gateway.http._views import CHAT, COMPLETION, GENERATE, Endpoint, decode_view, is_batch
+from gateway.metrics import Metrics, ModelMetrics
 from gateway.routing import NoHealthyWorker, Outcome, Route, RoutingRequest, UnknownModel
 from gateway.telemetry import RequestSpan, Telemetry
 from gateway.upstream import (
@@ -104,24 +105,38 @@ PROXIED_PATHS: dict[str, tuple[Endpoint, tuple[str, ...]]] = {
 
 
 class _Exchange:
-    """Per-request state shared with the disconnect watcher."""
+    """Per-request state shared with the disconnect watcher, and what the metrics count."""
 
-    __slots__ = ("completing", "disconnected", "started", "streaming")
+    __slots__ = ("arrived", "completing", "disconnected", "model", "started", "status", "streaming")
 
-    def __init__(self) -> None:
+    def __init__(self, arrived: float) -> None:
         self.started = False
         self.streaming = False
         self.completing = False
         self.disconnected = False
+        self.arrived = arrived
+        # The status the client was answered with (0: none, it left first) and the model label:
+        # empty until the model is known to be served, so client-chosen names make no series.
+        self.status = 0
+        self.model = ""
 
 
 class _UpstreamFailed(Exception):
     """One attempt failed before the client saw a byte; another server may be tried."""
 
-    def __init__(self, message: str, *, timeout: bool = False, status: int | None = None) -> None:
+    def __init__(self, message: str, *, kind: str, timeout: bool = False, status: int | None = None) -> None:
         super().__init__(message)
+        self.kind = kind
         self.timeout = timeout
         self.status = status
+
+
+def _failure_kind(exc: UpstreamError) -> str:
+    if isinstance(exc, UpstreamConnectError):
+        return "connect"
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
+    return "disconnect"
 
 
 def _response_headers(
@@ -156,6 +171,7 @@ class Proxy:
         settings: ProxySettings | None = None,
         clock: Callable[[], float] = time.perf_counter,
         on_connect_failure: Callable[[str], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """``on_connect_failure(url)`` hears of every server that could not be reached (the
         registry counts it toward taking the server out before its next health check)."""
@@ -166,6 +182,11 @@ class Proxy:
         self._telemetry = telemetry if telemetry is not None else Telemetry()
         self._settings = settings if settings is not None else ProxySettings()
         self._clock = clock
+        self._metrics = metrics if metrics is not None else Metrics()
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
 
     def _default_model(self) -> str | None:
         models = self._models()
@@ -174,21 +195,43 @@ class Proxy:
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve ``scope["path"]``, which must be one of PROXIED_PATHS."""
         endpoint, methods = PROXIED_PATHS[scope["path"]]
+        exchange = _Exchange(self._clock())
+        metrics = self._metrics
+        metrics.in_flight += 1
+        try:
+            await self._handle(
+                endpoint=endpoint, methods=methods, scope=scope, receive=receive, send=send, exchange=exchange
+            )
+        finally:
+            metrics.in_flight -= 1
+            metrics.request_done(endpoint.name, exchange.model, exchange.status)
+
+    async def _handle(
+        self,
+        *,
+        endpoint: Endpoint,
+        methods: tuple[str, ...],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        exchange: _Exchange,
+    ) -> None:
         if scope["method"] not in methods:
-            await send_error(send, method_not_allowed(scope["method"], scope["path"], methods))
+            await self._send_error(
+                send, exchange, method_not_allowed(scope["method"], scope["path"], methods)
+            )
             return
-        exchange = _Exchange()
         try:
             body = await read_body(scope, receive, self._settings.max_body_bytes)
             request = decode_view(endpoint, body, self._default_model)
         except GatewayError as error:
-            await send_error(send, error)
+            await self._send_error(send, exchange, error)
             return
         except ClientGone:
             return
         except Exception as exc:  # a bug before routing still gets an OpenAI-shaped answer
             logger.exception("unexpected error while reading a request to %s", scope["path"])
-            await send_error(send, internal_error(exc))
+            await self._send_error(send, exchange, internal_error(exc))
             return
         task = asyncio.current_task()
         assert task is not None
@@ -217,11 +260,16 @@ class Proxy:
                     task.cancel()
                 return
 
+    @staticmethod
+    async def _send_error(send: Send, exchange: _Exchange, error: GatewayError) -> None:
+        exchange.status = error.status
+        await send_error(send, error)
+
     async def _fail_late(self, send: Send, exchange: _Exchange, error: GatewayError) -> None:
         if exchange.disconnected:
             return
         if not exchange.started:
-            await send_error(send, error)
+            await self._send_error(send, exchange, error)
         elif exchange.streaming and not exchange.completing:
             exchange.completing = True
             await send(
@@ -264,6 +312,8 @@ class Proxy:
         failure: _UpstreamFailed | None = None
         excluded: frozenset[str] = frozenset()
         error: str | None = None
+        metrics = self._metrics
+        stats: ModelMetrics | None = None
         try:
             for _attempt in range(self._settings.retries + 1):
                 routed = request if not excluded else msgspec.structs.replace(request, exclude=excluded)
@@ -272,9 +322,17 @@ class Proxy:
                 except UnknownModel:
                     raise model_not_found(request.model) from None
                 except NoHealthyWorker:
+                    exchange.model = request.model  # a served model: the router knows it
                     if failure is not None:
                         break
                     raise no_healthy_worker(request.model, self._settings.retry_after_s) from None
+                if stats is None:
+                    exchange.model = request.model
+                    stats = metrics.model(request.model)
+                else:
+                    stats.retries += 1
+                decision = route.decision
+                metrics.decision(decision.policy, route.worker.url, decision.target.dp_rank)
                 span.set(
                     worker=route.worker.url,
                     dp_rank=route.dp_rank,
@@ -292,10 +350,12 @@ class Proxy:
                         send=send,
                         exchange=exchange,
                         span=span,
+                        stats=stats,
                     )
                     return
                 except _UpstreamFailed as exc:
                     logger.warning("upstream %s failed before the first byte: %s", route.worker.url, exc)
+                    metrics.upstream_failure(route.worker.url, exc.kind)
                     failure = exc
                     excluded = excluded | {route.worker.url}
             assert failure is not None
@@ -312,6 +372,7 @@ class Proxy:
             error = exc.message
             await self._fail_late(send, exchange, exc)
         finally:
+            span.set(status=exchange.status or None)
             span.end(error=error)
 
     async def _exchange(
@@ -325,6 +386,7 @@ class Proxy:
         send: Send,
         exchange: _Exchange,
         span: RequestSpan,
+        stats: ModelMetrics,
     ) -> None:
         """One attempt on ``route``. Raises _UpstreamFailed if the client has seen nothing yet."""
         worker = route.worker
@@ -344,12 +406,16 @@ class Proxy:
                 if isinstance(exc, UpstreamConnectError) and self._on_connect_failure is not None:
                     self._on_connect_failure(worker.url)
                 raise _UpstreamFailed(
-                    f"{worker.url}: {type(exc).__name__}: {exc}", timeout=isinstance(exc, UpstreamTimeout)
+                    f"{worker.url}: {type(exc).__name__}: {exc}",
+                    kind=_failure_kind(exc),
+                    timeout=isinstance(exc, UpstreamTimeout),
                 ) from exc
             status = response.status
             if status >= 500:
                 detail = await _error_detail(response)
-                raise _UpstreamFailed(f"{worker.url} answered {status}: {detail}", status=status)
+                raise _UpstreamFailed(
+                    f"{worker.url} answered {status}: {detail}", kind="status_5xx", status=status
+                )
             if status >= 400 or not _is_event_stream(response):
                 outcome = await self._forward_whole(
                     response=response,
@@ -369,7 +435,14 @@ class Proxy:
                     exchange=exchange,
                     began=began,
                     span=span,
+                    stats=stats,
                 )
+            if outcome.ok:
+                stats.e2e.observe(self._clock() - exchange.arrived)
+                if outcome.cached_tokens is not None:
+                    stats.cache_report(
+                        route.decision.predicted_cached_tokens, outcome.cached_tokens, outcome.prompt_tokens
+                    )
         finally:
             if response is not None:
                 await response.aclose()
@@ -393,6 +466,7 @@ class Proxy:
             data = await response.aread()
         except UpstreamError as exc:
             # The whole body is buffered, so the client has still seen nothing: fail cleanly.
+            self._metrics.upstream_failure(worker_url, _failure_kind(exc))
             raise GatewayError(
                 504 if isinstance(exc, UpstreamTimeout) else 502,
                 f"{worker_url} failed while sending its response: {type(exc).__name__}: {exc}",
@@ -404,6 +478,7 @@ class Proxy:
         raw.append((b"content-length", str(len(data)).encode()))
         exchange.started = True
         exchange.completing = True
+        exchange.status = status
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": data, "more_body": False})
         if status >= 300:
@@ -421,6 +496,7 @@ class Proxy:
         exchange: _Exchange,
         began: float,
         span: RequestSpan,
+        stats: ModelMetrics,
     ) -> Outcome:
         chunks: AsyncIterator[bytes] = response.aiter_raw()
         # Wait for the first body byte before answering: a server that dies before it can still be
@@ -430,11 +506,15 @@ class Proxy:
         except UpstreamError as exc:
             raise _UpstreamFailed(
                 f"{worker_url} failed before its first byte: {type(exc).__name__}: {exc}",
+                kind=_failure_kind(exc),
                 timeout=isinstance(exc, UpstreamTimeout),
             ) from exc
-        ttft = self._clock() - began
+        now = self._clock()
+        ttft = now - began
+        stats.ttft.observe(now - exchange.arrived)
         exchange.started = True
         exchange.streaming = True
+        exchange.status = response.status
         await send(
             {
                 "type": "http.response.start",
@@ -451,6 +531,7 @@ class Proxy:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamError as exc:
             logger.warning("upstream %s failed mid-stream: %s", worker_url, exc)
+            self._metrics.upstream_failure(worker_url, "mid_stream")
             exchange.completing = True
             await send(
                 {

@@ -28,6 +28,7 @@ from gateway.errors import (
     model_not_found,
     not_found,
 )
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.registry import Worker, WorkerSpec
 from policies.types import Role
 
@@ -237,6 +238,12 @@ def build_litestar(
     def show_config() -> Response[bytes]:
         return _json(config.public())
 
+    @get("/metrics", guards=[admin_guard], sync_to_thread=False)
+    def metrics() -> Response[bytes]:
+        # Guarded like /admin when a token is set: the labels name every server behind the gateway.
+        body = gateway.metrics.render(registry.workers(healthy_only=False))
+        return Response(content=body, status_code=200, media_type=METRICS_CONTENT_TYPE)
+
     @get("/admin/state", guards=[admin_guard], sync_to_thread=False)
     def show_state() -> Response[bytes]:
         store = getattr(router, "store", None)
@@ -255,6 +262,7 @@ def build_litestar(
             decisions,
             show_config,
             show_state,
+            metrics,
         ],
         exception_handlers=_exception_handlers(),
         lifespan=[lifespan] if lifespan is not None else [],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from gateway.errors import GatewayError, internal_error, method_not_allowed, sse
 from gateway.http._asgi import ClientGone, Message, Receive, Scope, Send, read_body, send_error
 from gateway.http._views import decode_view
 from gateway.http.proxy import PROXIED_PATHS
+from gateway.metrics import Metrics
 from gateway.pd._forwarder import PDForwarder
 from gateway.telemetry import Telemetry
 
@@ -59,6 +61,26 @@ class _ClientState:
         self.disconnected = False
 
 
+class _Answer:
+    """The client's ``send``, noting the status and when the first body byte left (for metrics)."""
+
+    __slots__ = ("_clock", "_send", "first_byte_at", "status")
+
+    def __init__(self, send: Send, clock: Callable[[], float]) -> None:
+        self._send = send
+        self._clock = clock
+        self.status = 0
+        self.first_byte_at = 0.0
+
+    async def send(self, message: Message) -> None:
+        if not self.first_byte_at:
+            if message["type"] == "http.response.start":
+                self.status = message["status"]
+            elif message.get("body"):
+                self.first_byte_at = self._clock()
+        await self._send(message)
+
+
 def _replay(body: bytes, receive: Receive) -> Receive:
     """A ``receive`` that hands out the already-read body first, then the client's own messages."""
     sent = False
@@ -82,8 +104,13 @@ class PDProxy:
         models: Callable[[], list[str]],
         telemetry: Telemetry | None = None,
         max_body_bytes: int = 4 * 1024 * 1024,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        """``metrics`` counts the requests served over PD (the proxy counts those it serves)."""
         self._proxy = proxy
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._clock = clock
         self._pd = pd
         self._models = models
         self._telemetry = telemetry if telemetry is not None else Telemetry()
@@ -98,20 +125,26 @@ class PDProxy:
             await self._proxy.handle(scope, receive, send)
             return
         endpoint, methods = PROXIED_PATHS[scope["path"]]
+        metrics = self._metrics
         if scope["method"] not in methods:
             await send_error(send, method_not_allowed(scope["method"], scope["path"], methods))
+            metrics.request_done(endpoint.name, "", 405)
             return
         try:
             body = await read_body(scope, receive, self._max_body_bytes)
             request = decode_view(endpoint, body, self._default_model)
         except GatewayError as bad:
             await send_error(send, bad)
+            metrics.request_done(endpoint.name, "", bad.status)
             return
         except ClientGone:
+            metrics.request_done(endpoint.name, "", 0)
             return
         if not self._pd.serves(request.model):
             await self._proxy.handle(scope, _replay(body, receive), send)
             return
+        arrived = self._clock()
+        answer = _Answer(send, self._clock)
         span = self._telemetry.start(
             endpoint.name,
             [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
@@ -132,20 +165,21 @@ class PDProxy:
         watcher = asyncio.get_running_loop().create_task(self._watch(receive, client, task))
         error: str | None = None
         handled = True
+        metrics.in_flight += 1
         try:
             handled = await self._pd.forward(
                 endpoint=endpoint,
                 request=request,
                 body=body,
                 headers=headers,
-                send=send,
+                send=answer.send,
                 client=client,
                 span=span,
             )
         except GatewayError as exc:
             error = exc.message
             if not client.started:
-                await send_error(send, exc)
+                await send_error(answer.send, exc)
         except asyncio.CancelledError:
             if not client.disconnected:
                 raise
@@ -154,12 +188,25 @@ class PDProxy:
         except Exception as exc:  # whatever broke, the client gets an answer
             logger.exception("unexpected error while serving %s over PD", scope["path"])
             error = f"internal error: {type(exc).__name__}"
-            await self._fail_late(send, client, internal_error(exc))
+            await self._fail_late(answer.send, client, internal_error(exc))
         finally:
+            metrics.in_flight -= 1
             watcher.cancel()
+            if handled:
+                self._count(endpoint.name, request.model, answer, arrived, streamed=client.streaming)
+                span.set(status=answer.status or None)
             span.end(error=error)
         if not handled:
             await self._proxy.handle(scope, _replay(body, receive), send)
+
+    def _count(self, endpoint: str, model: str, answer: _Answer, arrived: float, *, streamed: bool) -> None:
+        metrics = self._metrics
+        metrics.request_done(endpoint, model, answer.status)
+        stats = metrics.model(model)
+        if streamed and answer.first_byte_at:
+            stats.ttft.observe(answer.first_byte_at - arrived)
+        if 200 <= answer.status < 300:
+            stats.e2e.observe(self._clock() - arrived)
 
     @staticmethod
     async def _watch(receive: Receive, client: _ClientState, task: asyncio.Task[Any]) -> None:

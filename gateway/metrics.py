@@ -1,0 +1,295 @@
+"""Prometheus metrics of one gateway process, rendered in the text exposition format (0.0.4).
+
+    metrics = Metrics()                                   # one per process, built at start-up
+    metrics.request_done("chat", model, 200)              # hot path: a tuple key and an integer add
+    metrics.model(model).ttft.observe(0.12)               # per-model histograms, preallocated buckets
+    body = metrics.render(registry.workers(healthy_only=False))   # GET /metrics
+
+The hot path only adds to integers and floats in structures that exist after the first request of
+a kind (dicts keyed by small tuples, per-model objects with fixed bucket lists); every string is
+formatted when Prometheus scrapes, never per request. There are no locks: the counters are touched
+from one event loop.
+
+Counters are per process. With ``--workers N`` each process counts the requests it served, and a
+scrape of the shared port reaches one process at random, so Prometheus sees N interleaved series
+that each reset on that process's restart; the ``process`` label (the pid) keeps them apart, and
+``sum without (process)`` adds them up.
+"""
+
+from __future__ import annotations
+
+import os
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+__all__ = [
+    "CONTENT_TYPE",
+    "E2E_BUCKETS_S",
+    "FAILURE_KINDS",
+    "TTFT_BUCKETS_S",
+    "Histogram",
+    "Metrics",
+    "ModelMetrics",
+    "status_class",
+]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Time to first token spans a cached short prompt (milliseconds) to a long prefill queued behind
+# others (tens of seconds); end-to-end adds generation, up to the read timeout.
+TTFT_BUCKETS_S: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+E2E_BUCKETS_S: tuple[float, ...] = (
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+
+# Why an upstream attempt failed:
+#   connect     nothing was sent or received (refused, unreachable, DNS)
+#   timeout     no headers or no next byte within the read timeout
+#   status_5xx  the server answered 5xx before any byte reached the client
+#   disconnect  the connection died before the response's first body byte
+#   mid_stream  the connection died (or stalled) after the client had seen bytes: the stream was cut
+FAILURE_KINDS = ("connect", "timeout", "status_5xx", "disconnect", "mid_stream")
+
+# Status class of the answer to the client; "client_closed" when the client left before any answer.
+_STATUS_CLASSES = ("client_closed", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def status_class(status: int) -> str:
+    """The class label of an HTTP status; 0 means the client left before any answer."""
+    index = status // 100
+    return _STATUS_CLASSES[index] if 0 < index < len(_STATUS_CLASSES) else _STATUS_CLASSES[0]
+
+
+class WorkerLike(Protocol):
+    """What the health gauge needs of gateway.registry.Worker."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def model(self) -> str | None: ...
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+
+class Histogram:
+    """A cumulative histogram with fixed upper bounds; ``observe`` is one bisect and two adds."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        # counts[i] is the number of observations v with bounds[i-1] < v <= bounds[i]; the last
+        # slot holds those above every bound (+Inf).
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+class ModelMetrics:
+    """Everything counted per model, created once per model."""
+
+    __slots__ = (
+        "cache_reports",
+        "cached_tokens_abs_error",
+        "cached_tokens_predicted",
+        "cached_tokens_reported",
+        "e2e",
+        "prompt_tokens",
+        "retries",
+        "ttft",
+    )
+
+    def __init__(self) -> None:
+        self.ttft = Histogram(TTFT_BUCKETS_S)
+        self.e2e = Histogram(E2E_BUCKETS_S)
+        self.retries = 0
+        # Over requests whose server reported cached tokens only, so the two sums compare.
+        self.cache_reports = 0
+        self.cached_tokens_predicted = 0
+        self.cached_tokens_reported = 0
+        self.cached_tokens_abs_error = 0
+        self.prompt_tokens = 0
+
+    def cache_report(self, predicted: int, reported: int, prompt_tokens: int | None) -> None:
+        self.cache_reports += 1
+        self.cached_tokens_predicted += predicted
+        self.cached_tokens_reported += reported
+        self.cached_tokens_abs_error += abs(predicted - reported)
+        if prompt_tokens is not None:
+            self.prompt_tokens += prompt_tokens
+
+
+class Metrics:
+    """The counters of one gateway process."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        # (endpoint, model, status class) -> requests answered
+        self.requests: dict[tuple[str, str, str], int] = {}
+        # (worker URL, failure kind) -> upstream attempts that failed
+        self.upstream_failures: dict[tuple[str, str], int] = {}
+        # (policy, worker URL, DP rank or None) -> routing decisions
+        self.decisions: dict[tuple[str, str, int | None], int] = {}
+        self.models: dict[str, ModelMetrics] = {}
+        self._process = str(os.getpid())
+
+    def model(self, name: str) -> ModelMetrics:
+        stats = self.models.get(name)
+        if stats is None:
+            stats = self.models[name] = ModelMetrics()
+        return stats
+
+    def request_done(self, endpoint: str, model: str, status: int) -> None:
+        key = (endpoint, model, status_class(status))
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def decision(self, policy: str, worker: str, dp_rank: int | None) -> None:
+        key = (policy, worker, dp_rank)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+
+    def upstream_failure(self, worker: str, kind: str) -> None:
+        key = (worker, kind)
+        self.upstream_failures[key] = self.upstream_failures.get(key, 0) + 1
+
+    def render(self, workers: Iterable[WorkerLike] = ()) -> bytes:
+        """The text exposition of every metric, with each worker's health as a gauge."""
+        process = self._process
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+
+        def sample(name: str, labels: Sequence[tuple[str, object]], value: float) -> None:
+            rendered = ",".join(f'{key}="{_escape(_label(val))}"' for key, val in labels)
+            out.append(f'{name}{{process="{process}"{"," if rendered else ""}{rendered}}} {_number(value)}')
+
+        family("cachet_requests_total", "counter", "Requests answered, by endpoint, model and status class.")
+        for (endpoint, model, klass), value in sorted(self.requests.items()):
+            sample(
+                "cachet_requests_total", (("endpoint", endpoint), ("model", model), ("code", klass)), value
+            )
+
+        family("cachet_requests_in_flight", "gauge", "Requests being served by this process.")
+        sample("cachet_requests_in_flight", (), self.in_flight)
+
+        models = sorted(self.models.items())
+        for metric, attribute, help_text in (
+            (
+                "cachet_time_to_first_token_seconds",
+                "ttft",
+                "Streamed requests: from the request's arrival to the first body byte sent to the client.",
+            ),
+            (
+                "cachet_request_duration_seconds",
+                "e2e",
+                "Successful requests: from the request's arrival to the last byte sent to the client.",
+            ),
+        ):
+            family(metric, "histogram", help_text)
+            for model, stats in models:
+                histogram: Histogram = getattr(stats, attribute)
+                cumulative = 0
+                for bound, count in zip(histogram.bounds, histogram.counts, strict=False):
+                    cumulative += count
+                    sample(f"{metric}_bucket", (("model", model), ("le", _number(bound))), cumulative)
+                cumulative += histogram.counts[-1]
+                sample(f"{metric}_bucket", (("model", model), ("le", "+Inf")), cumulative)
+                sample(f"{metric}_sum", (("model", model),), histogram.total)
+                sample(f"{metric}_count", (("model", model),), cumulative)
+
+        family(
+            "cachet_upstream_retries_total",
+            "counter",
+            "Attempts on another server after a failure before the client saw a byte.",
+        )
+        for model, stats in models:
+            sample("cachet_upstream_retries_total", (("model", model),), stats.retries)
+
+        family(
+            "cachet_upstream_failures_total",
+            "counter",
+            "Failed upstream attempts, by worker and kind "
+            "(connect, timeout, status_5xx, disconnect, mid_stream).",
+        )
+        for (worker, kind), value in sorted(self.upstream_failures.items()):
+            sample("cachet_upstream_failures_total", (("worker", worker), ("kind", kind)), value)
+
+        family(
+            "cachet_routing_decisions_total", "counter", "Routing decisions, by policy, worker and DP rank."
+        )
+        for (policy, worker, dp_rank), value in sorted(
+            self.decisions.items(), key=lambda item: (item[0][0], item[0][1], _label(item[0][2]))
+        ):
+            sample(
+                "cachet_routing_decisions_total",
+                (("policy", policy), ("worker", worker), ("dp_rank", dp_rank)),
+                value,
+            )
+
+        for metric, attribute, help_text in (
+            ("cachet_cache_reports_total", "cache_reports", "Responses whose server reported cached tokens."),
+            (
+                "cachet_cached_tokens_predicted_total",
+                "cached_tokens_predicted",
+                "Cached prompt tokens the router predicted, over responses that reported cached tokens.",
+            ),
+            (
+                "cachet_cached_tokens_reported_total",
+                "cached_tokens_reported",
+                "Cached prompt tokens the servers reported.",
+            ),
+            (
+                "cachet_cached_tokens_prediction_error_total",
+                "cached_tokens_abs_error",
+                "Sum of |predicted - reported| cached tokens, over the same responses.",
+            ),
+            (
+                "cachet_prompt_tokens_total",
+                "prompt_tokens",
+                "Prompt tokens the servers reported, over the same responses.",
+            ),
+        ):
+            family(metric, "counter", help_text)
+            for model, stats in models:
+                sample(metric, (("model", model),), getattr(stats, attribute))
+
+        family("cachet_worker_healthy", "gauge", "1 while the registry counts the worker healthy, else 0.")
+        for server in sorted(workers, key=lambda w: w.url):
+            sample(
+                "cachet_worker_healthy",
+                (("worker", server.url), ("role", server.role), ("model", server.model)),
+                int(server.healthy),
+            )
+
+        out.append("")
+        return "\n".join(out).encode()
+
+
+def _label(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))
