@@ -66,6 +66,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="start refusing connections (see --fault-refuse-for-s)",
     )
     add("--fault-refuse-for-s", type=float, default=0.0, help="listen again after this long (0: never)")
+    add("--fault-reset-connections", action="store_true", help="accept connections and reset them at once")
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> ServerSettings:
@@ -113,6 +114,7 @@ def _faults(args: argparse.Namespace) -> Faults:
         slowdown=args.fault_slowdown,
         refuse_connections=args.fault_refuse_connections,
         refuse_for_s=args.fault_refuse_for_s,
+        reset_connections=args.fault_reset_connections,
     )
     faults.validate()
     return faults

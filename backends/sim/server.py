@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 import msgspec
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from backends.sim.asgi import (
     BodyTooLarge,
@@ -39,6 +41,22 @@ class _QuietCutFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "without completing response" not in record.getMessage()
+
+
+def _protocol_class(runtime: Runtime) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol, able to reset new connections (the reset_connections fault)."""
+
+    class SimHttpProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if runtime.faults.reset_connections:
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    # SO_LINGER 0: close with RST rather than FIN, like a crashed peer.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                transport.abort()
+
+    return SimHttpProtocol
 
 
 class _Uvicorn(uvicorn.Server):
@@ -106,7 +124,7 @@ class SimServer:
             uvicorn_log.addFilter(_QuietCutFilter())
         config = uvicorn.Config(
             self,
-            http="httptools",
+            http=_protocol_class(self.runtime),
             lifespan="off",
             log_level="warning",
             access_log=False,

@@ -105,6 +105,7 @@ class Faults(msgspec.Struct, kw_only=True):
     drop_after_chunks   streams are cut (socket closed) after this many chunks; non-streams close unanswered
     refuse_connections  the server stops listening (clients get ECONNREFUSED) while set
     refuse_for_s        with refuse_connections: listen again after this many seconds (0 = until cleared)
+    reset_connections   new connections are accepted and reset at once (RST) while set
     slowdown            multiplies every scheduler step's duration
     """
 
@@ -114,6 +115,7 @@ class Faults(msgspec.Struct, kw_only=True):
     drop_after_chunks: int | None = None
     refuse_connections: bool = False
     refuse_for_s: float = 0.0
+    reset_connections: bool = False
     slowdown: float = 1.0
 
     def validate(self) -> None:

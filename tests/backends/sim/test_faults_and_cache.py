@@ -306,3 +306,13 @@ async def test_prefill_client_leaving_fails_the_waiting_decode_fast(start_server
     assert r.status_code == 500
     assert "Failed to get kvcache from prefill instance" in r.json()["message"]
     assert time.perf_counter() - t0 < 10
+
+
+async def test_reset_connections(server: SimServer) -> None:
+    await server.set_faults(Faults(reset_connections=True))
+    async with httpx.AsyncClient(base_url=server.url) as c:
+        with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError)):
+            await c.get("/health")
+    await server.set_faults(Faults())
+    async with httpx.AsyncClient(base_url=server.url) as c:
+        assert (await c.get("/health")).status_code == 200
