@@ -58,7 +58,10 @@ class _Target:
         self.origin: _Origin = (host, port)
         netloc = parts.netloc.rsplit("@", 1)[-1]
         # "{METHOD} " is prepended per request.
-        self.head_prefix = f" {target} HTTP/1.1\r\nhost: {netloc}\r\n".encode("latin-1")
+        try:
+            self.head_prefix = f" {target} HTTP/1.1\r\nhost: {netloc}\r\n".encode("ascii")
+        except UnicodeEncodeError as exc:
+            raise UpstreamConnectError(f"upstream URL {url!r} is not ASCII; percent-encode it") from exc
 
 
 class _Connection(asyncio.Protocol):
@@ -397,8 +400,14 @@ class HttptoolsTransport:
         read_timeout = self._read_timeout if request.timeout is None else request.timeout
         conn = await self._acquire(target.origin, read_timeout)
         head = [request.method.encode("latin-1"), target.head_prefix]
-        for name, value in request_headers(request.headers):
-            head.append(f"{name}: {value}\r\n".encode("latin-1"))
+        try:
+            for name, value in request_headers(request.headers):
+                line = f"{name}: {value}\r\n"
+                if line.count("\n") != 1 or "\r" in line[:-2]:
+                    raise ValueError(f"header {name!r} contains a line break")
+                head.append(line.encode("latin-1"))
+        except (ValueError, UnicodeEncodeError) as exc:
+            raise UpstreamConnectError(f"invalid upstream request header: {exc}") from exc
         body = request.body
         if body or request.method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
             head.append(b"content-length: %d\r\n" % len(body))

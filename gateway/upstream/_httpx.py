@@ -31,6 +31,9 @@ def _translate(module: Any, exc: BaseException, *, sending: bool) -> UpstreamErr
         return UpstreamPoolTimeout(str(exc) or "no free upstream connection")
     if isinstance(exc, module.ConnectTimeout):
         return UpstreamConnectTimeout(str(exc) or type(exc).__name__)
+    if isinstance(exc, module.LocalProtocolError):
+        # h11 refused to write the request (e.g. a line break in a header): nothing went out.
+        return UpstreamConnectError(f"invalid upstream request: {exc}")
     if isinstance(exc, module.ConnectError | module.UnsupportedProtocol):
         return UpstreamConnectError(str(exc) or type(exc).__name__)
     if isinstance(exc, module.TimeoutException):

@@ -337,3 +337,13 @@ async def test_no_content_then_reuse(transport: Transport, server: ScriptedServe
         assert await response.aread() == b""
         await response.aclose()
     assert server.connections == 1
+
+
+async def test_header_injection_is_refused_before_sending(
+    transport: Transport, server: ScriptedServer
+) -> None:
+    with pytest.raises(UpstreamConnectError):
+        await transport.send(
+            UpstreamRequest("POST", server.url + "/echo", [("x-evil", "a\r\nx-injected: 1")], b"{}")
+        )
+    assert not any(r.header("x-injected") for r in server.requests)
