@@ -180,6 +180,7 @@ class Proxy:
         self._transport = transport
         self._models = models
         self._telemetry = telemetry if telemetry is not None else Telemetry()
+        self._tracing = self._telemetry.enabled
         self._settings = settings if settings is not None else ProxySettings()
         self._clock = clock
         self._metrics = metrics if metrics is not None else Metrics()
@@ -280,14 +281,15 @@ class Proxy:
                 }
             )
 
-    def _upstream_headers(self, scope: Scope, span: RequestSpan) -> list[tuple[str, str]]:
+    def _upstream_headers(self, scope: Scope, span: RequestSpan | None) -> list[tuple[str, str]]:
         headers = [
             (name.decode("latin-1"), value.decode("latin-1"))
             for name, value in scope["headers"]
             if name not in _DROPPED_REQUEST_HEADERS
         ]
         headers.append(("content-type", "application/json"))
-        headers.extend(span.upstream_headers())
+        if span is not None:
+            headers.extend(span.upstream_headers())
         return headers
 
     async def _proxy(
@@ -300,13 +302,13 @@ class Proxy:
         send: Send,
         exchange: _Exchange,
     ) -> None:
-        span = self._telemetry.start(
-            endpoint.name,
-            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
-            if self._telemetry.enabled
-            else (),
-        )
-        span.set(model=request.model, endpoint=endpoint.name, stream=request.stream)
+        # No span object at all while tracing is off: the request pays one attribute test per hook.
+        span: RequestSpan | None = None
+        if self._tracing:
+            span = self._telemetry.start(
+                endpoint.name, [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+            )
+            span.set(model=request.model, endpoint=endpoint.name, stream=request.stream)
         headers = self._upstream_headers(scope, span)
         batch = endpoint is GENERATE and is_batch(request)
         failure: _UpstreamFailed | None = None
@@ -333,13 +335,14 @@ class Proxy:
                     stats.retries += 1
                 decision = route.decision
                 metrics.decision(decision.policy, route.worker.url, decision.target.dp_rank)
-                span.set(
-                    worker=route.worker.url,
-                    dp_rank=route.dp_rank,
-                    policy=route.decision.policy,
-                    reason=route.decision.reason,
-                    predicted_cached_tokens=route.decision.predicted_cached_tokens,
-                )
+                if span is not None:
+                    span.set(
+                        worker=route.worker.url,
+                        dp_rank=route.dp_rank,
+                        policy=route.decision.policy,
+                        reason=route.decision.reason,
+                        predicted_cached_tokens=route.decision.predicted_cached_tokens,
+                    )
                 try:
                     await self._exchange(
                         endpoint=endpoint,
@@ -372,8 +375,9 @@ class Proxy:
             error = exc.message
             await self._fail_late(send, exchange, exc)
         finally:
-            span.set(status=exchange.status or None)
-            span.end(error=error)
+            if span is not None:
+                span.set(status=exchange.status or None)
+                span.end(error=error)
 
     async def _exchange(
         self,
@@ -385,7 +389,7 @@ class Proxy:
         batch: bool,
         send: Send,
         exchange: _Exchange,
-        span: RequestSpan,
+        span: RequestSpan | None,
         stats: ModelMetrics,
     ) -> None:
         """One attempt on ``route``. Raises _UpstreamFailed if the client has seen nothing yet."""
@@ -460,7 +464,7 @@ class Proxy:
         send: Send,
         exchange: _Exchange,
         began: float,
-        span: RequestSpan,
+        span: RequestSpan | None,
     ) -> Outcome:
         try:
             data = await response.aread()
@@ -495,7 +499,7 @@ class Proxy:
         send: Send,
         exchange: _Exchange,
         began: float,
-        span: RequestSpan,
+        span: RequestSpan | None,
         stats: ModelMetrics,
     ) -> Outcome:
         chunks: AsyncIterator[bytes] = response.aiter_raw()
@@ -550,13 +554,14 @@ class Proxy:
         return self._outcome(usage_from_stream_tail(tail), ttft, self._clock() - began, span)
 
     @staticmethod
-    def _outcome(usage: Usage, ttft: float | None, e2e: float, span: RequestSpan) -> Outcome:
-        span.set(
-            prompt_tokens=usage.prompt_tokens,
-            cached_tokens=usage.cached_tokens,
-            completion_tokens=usage.completion_tokens,
-            ttft_s=ttft,
-        )
+    def _outcome(usage: Usage, ttft: float | None, e2e: float, span: RequestSpan | None) -> Outcome:
+        if span is not None:
+            span.set(
+                prompt_tokens=usage.prompt_tokens,
+                cached_tokens=usage.cached_tokens,
+                completion_tokens=usage.completion_tokens,
+                ttft_s=ttft,
+            )
         return Outcome(
             ok=not usage.error,
             prompt_tokens=usage.prompt_tokens,

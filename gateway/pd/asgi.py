@@ -24,7 +24,7 @@ from gateway.http._views import decode_view
 from gateway.http.proxy import PROXIED_PATHS
 from gateway.metrics import Metrics
 from gateway.pd._forwarder import PDForwarder
-from gateway.telemetry import Telemetry
+from gateway.telemetry import RequestSpan, Telemetry
 
 __all__ = ["PDProxy"]
 
@@ -145,20 +145,20 @@ class PDProxy:
             return
         arrived = self._clock()
         answer = _Answer(send, self._clock)
-        span = self._telemetry.start(
-            endpoint.name,
-            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
-            if self._telemetry.enabled
-            else (),
-        )
-        span.set(model=request.model, endpoint=endpoint.name, stream=request.stream)
+        span: RequestSpan | None = None
+        if self._telemetry.enabled:
+            span = self._telemetry.start(
+                endpoint.name, [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+            )
+            span.set(model=request.model, endpoint=endpoint.name, stream=request.stream)
         headers = [
             (name.decode("latin-1"), value.decode("latin-1"))
             for name, value in scope["headers"]
             if name not in _DROPPED_REQUEST_HEADERS
         ]
         headers.append(("content-type", "application/json"))
-        headers.extend(span.upstream_headers())
+        if span is not None:
+            headers.extend(span.upstream_headers())
         client = _ClientState()
         task = asyncio.current_task()
         assert task is not None
@@ -194,8 +194,9 @@ class PDProxy:
             watcher.cancel()
             if handled:
                 self._count(endpoint.name, request.model, answer, arrived, streamed=client.streaming)
+            if span is not None:
                 span.set(status=answer.status or None)
-            span.end(error=error)
+                span.end(error=error)
         if not handled:
             await self._proxy.handle(scope, _replay(body, receive), send)
 
