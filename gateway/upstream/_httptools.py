@@ -80,6 +80,10 @@ class _Connection(asyncio.Protocol):
         self.until_close = False
         self.no_body = False
         self.keep_alive = False
+        # Whether this connection came from the idle pool, and whether the current response has sent
+        # anything yet.
+        self.reused = False
+        self.received = False
         self.error: UpstreamError | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
@@ -96,6 +100,7 @@ class _Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        self.received = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -191,6 +196,7 @@ class _Connection(asyncio.Protocol):
         self.until_close = False
         self.no_body = False
         self.keep_alive = False
+        self.received = False
         self.chunks.clear()
         self.buffered = 0
 
@@ -322,10 +328,12 @@ class HttptoolsTransport:
                 return True
         return False
 
-    async def _acquire(self, origin: _Origin, read_timeout: float) -> _Connection:
+    async def _acquire(self, origin: _Origin, read_timeout: float, reuse: bool = True) -> _Connection:
+        """A connection to ``origin``: a pooled idle one if ``reuse`` and one is fresh enough, else new."""
         loop = asyncio.get_running_loop()
-        conn = self._take_idle(origin, loop.time())
+        conn = self._take_idle(origin, loop.time()) if reuse else None
         if conn is not None:
+            conn.reused = True
             return conn
         deadline = loop.time() + self._connect_timeout + read_timeout
         while self._open >= self._max_connections:
@@ -345,8 +353,9 @@ class HttptoolsTransport:
             finally:
                 if waiter in self._slot_waiters:
                     self._slot_waiters.remove(waiter)
-            conn = self._take_idle(origin, loop.time())
+            conn = self._take_idle(origin, loop.time()) if reuse else None
             if conn is not None:
+                conn.reused = True
                 return conn
         self._open += 1
         try:
@@ -393,12 +402,8 @@ class HttptoolsTransport:
 
     # --- the seam ------------------------------------------------------------------------------
 
-    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
-        if self._closed:
-            raise UpstreamConnectError("transport is closed")
-        target = self._target(request.url)
-        read_timeout = self._read_timeout if request.timeout is None else request.timeout
-        conn = await self._acquire(target.origin, read_timeout)
+    @staticmethod
+    def _request_bytes(request: UpstreamRequest, target: _Target) -> bytes:
         head = [request.method.encode("latin-1"), target.head_prefix]
         try:
             for name, value in request_headers(request.headers):
@@ -413,21 +418,40 @@ class HttptoolsTransport:
             head.append(b"content-length: %d\r\n" % len(body))
         head.append(b"\r\n")
         head.append(body)
-        assert conn.transport is not None
-        conn.no_body = request.method == "HEAD"
-        conn.transport.write(b"".join(head))
-        try:
-            while not conn.headers_done:
-                if conn.error is not None:
-                    raise conn.error
-                await conn.wait(read_timeout)
-        except TimeoutError:
-            conn.close()
-            raise UpstreamTimeout(f"no response from upstream within {read_timeout}s") from None
-        except BaseException:
-            conn.close()
-            raise
-        return _HttptoolsResponse(self, conn, read_timeout)
+        return b"".join(head)
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        if self._closed:
+            raise UpstreamConnectError("transport is closed")
+        target = self._target(request.url)
+        data = self._request_bytes(request, target)
+        read_timeout = self._read_timeout if request.timeout is None else request.timeout
+        reuse = True
+        while True:
+            conn = await self._acquire(target.origin, read_timeout, reuse)
+            assert conn.transport is not None
+            conn.no_body = request.method == "HEAD"
+            conn.transport.write(data)
+            try:
+                while not conn.headers_done:
+                    if conn.error is not None:
+                        raise conn.error
+                    await conn.wait(read_timeout)
+            except UpstreamDisconnected:
+                conn.close()
+                if conn.reused and not conn.received and reuse:
+                    # A pooled connection the server closed as we wrote to it (keep-alive race): the
+                    # server never read the request, so it is sent once more on a new connection.
+                    reuse = False
+                    continue
+                raise
+            except TimeoutError:
+                conn.close()
+                raise UpstreamTimeout(f"no response from upstream within {read_timeout}s") from None
+            except BaseException:
+                conn.close()
+                raise
+            return _HttptoolsResponse(self, conn, read_timeout)
 
     async def aclose(self) -> None:
         self._closed = True
