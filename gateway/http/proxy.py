@@ -75,6 +75,7 @@ _DROPPED_REQUEST_HEADERS = frozenset(
 )
 # Upstream response headers our server writes itself.
 _DROPPED_RESPONSE_HEADERS = frozenset({"content-length", "date", "server"})
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 _EVENT_STREAM = "text/event-stream"
 # Raw chunks kept to find the last event of a stream (one cumulative /generate event can span
 # several reads).
@@ -289,6 +290,8 @@ class Proxy:
         ]
         headers.append(("content-type", "application/json"))
         if span is not None:
+            # The client's trace context is replaced by ours (a child of it), never sent twice.
+            headers = [(name, value) for name, value in headers if name.lower() not in _TRACE_HEADERS]
             headers.extend(span.upstream_headers())
         return headers
 

@@ -46,6 +46,8 @@ _DROPPED_REQUEST_HEADERS = frozenset(
     }
 )
 
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+
 
 class ProxyLike(Protocol):
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None: ...
@@ -158,6 +160,8 @@ class PDProxy:
         ]
         headers.append(("content-type", "application/json"))
         if span is not None:
+            # The client's trace context is replaced by ours (a child of it), never sent twice.
+            headers = [(name, value) for name, value in headers if name.lower() not in _TRACE_HEADERS]
             headers.extend(span.upstream_headers())
         client = _ClientState()
         task = asyncio.current_task()
