@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from policies.types import RequestFeatures, TargetView
 
-__all__ = ["queue_wait_s", "queued_prefill_tokens", "running_requests", "ttft_s", "uncached_tokens"]
+__all__ = [
+    "queue_wait_s",
+    "queued_prefill_tokens",
+    "running_requests",
+    "score_s",
+    "ttft_s",
+    "uncached_tokens",
+]
 
 # Below this speed a target is treated as this slow (guards a zero or missing seed).
 _MIN_PREFILL_TOKENS_PER_S = 1.0
@@ -50,6 +57,25 @@ def uncached_tokens(features: RequestFeatures, target: TargetView) -> int:
     # SGLang never reuses the whole prompt: at least the last token is computed.
     cached = min(target.predicted_cached_tokens, max(features.prompt_tokens - 1, 0))
     return max(features.prompt_tokens - cached, 1)
+
+
+def score_s(features: RequestFeatures, target: TargetView, work_weight: float) -> float:
+    """``ttft_s`` + ``work_weight`` × this request's own prefill time on ``target`` (one body: it runs
+    for every candidate of every decision)."""
+    speed = max(target.prefill_tokens_per_s, _MIN_PREFILL_TOKENS_PER_S)
+    queued = target.inflight_prefill_tokens
+    reported = target.reported_waiting_tokens
+    if reported is not None and reported > queued:
+        queued = reported
+    prompt = features.prompt_tokens
+    cached = target.predicted_cached_tokens
+    if cached > prompt - 1:
+        cached = prompt - 1 if prompt > 0 else 0
+    uncached = max(prompt - cached, 1)
+    seconds = (queued + (1.0 + work_weight) * uncached) / speed
+    if target.inflight_requests > 0 or target.reported_running or target.reported_waiting:
+        seconds += 0.5 * target.decode_step_s
+    return seconds
 
 
 def ttft_s(features: RequestFeatures, target: TargetView) -> float:

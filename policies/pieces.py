@@ -125,15 +125,7 @@ class TtftScorer:
         self.work_weight = work_weight
 
     def score(self, features: RequestFeatures, snapshot: Snapshot, index: int) -> float:
-        target = snapshot.targets[index]
-        seconds = cost.ttft_s(features, target)
-        if self.work_weight:
-            seconds += (
-                self.work_weight
-                * cost.uncached_tokens(features, target)
-                / max(target.prefill_tokens_per_s, 1.0)
-            )
-        return seconds
+        return cost.score_s(features, snapshot.targets[index], self.work_weight)
 
 
 class Pick:

@@ -178,3 +178,5 @@ def test_inlined_ttft_matches_its_definition() -> None:
         speed = max(target.prefill_tokens_per_s, 1.0)
         expected = cost.queue_wait_s(target) + cost.uncached_tokens(features, target) / speed
         assert cost.ttft_s(features, target) == pytest.approx(expected)
+        weighted = expected + 0.7 * cost.uncached_tokens(features, target) / speed
+        assert cost.score_s(features, target, 0.7) == pytest.approx(weighted)
