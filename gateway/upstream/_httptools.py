@@ -80,10 +80,6 @@ class _Connection(asyncio.Protocol):
         self.until_close = False
         self.no_body = False
         self.keep_alive = False
-        # Whether this connection came from the idle pool, and whether the current response has sent
-        # anything yet.
-        self.reused = False
-        self.received = False
         self.error: UpstreamError | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
@@ -100,7 +96,6 @@ class _Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        self.received = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -196,7 +191,6 @@ class _Connection(asyncio.Protocol):
         self.until_close = False
         self.no_body = False
         self.keep_alive = False
-        self.received = False
         self.chunks.clear()
         self.buffered = 0
 
@@ -328,12 +322,11 @@ class HttptoolsTransport:
                 return True
         return False
 
-    async def _acquire(self, origin: _Origin, read_timeout: float, reuse: bool = True) -> _Connection:
-        """A connection to ``origin``: a pooled idle one if ``reuse`` and one is fresh enough, else new."""
+    async def _acquire(self, origin: _Origin, read_timeout: float) -> _Connection:
+        """A connection to ``origin``: a pooled idle one if one is fresh enough, else a new one."""
         loop = asyncio.get_running_loop()
-        conn = self._take_idle(origin, loop.time()) if reuse else None
+        conn = self._take_idle(origin, loop.time())
         if conn is not None:
-            conn.reused = True
             return conn
         deadline = loop.time() + self._connect_timeout + read_timeout
         while self._open >= self._max_connections:
@@ -353,9 +346,8 @@ class HttptoolsTransport:
             finally:
                 if waiter in self._slot_waiters:
                     self._slot_waiters.remove(waiter)
-            conn = self._take_idle(origin, loop.time()) if reuse else None
+            conn = self._take_idle(origin, loop.time())
             if conn is not None:
-                conn.reused = True
                 return conn
         self._open += 1
         try:
@@ -426,32 +418,26 @@ class HttptoolsTransport:
         target = self._target(request.url)
         data = self._request_bytes(request, target)
         read_timeout = self._read_timeout if request.timeout is None else request.timeout
-        reuse = True
-        while True:
-            conn = await self._acquire(target.origin, read_timeout, reuse)
-            assert conn.transport is not None
-            conn.no_body = request.method == "HEAD"
-            conn.transport.write(data)
-            try:
-                while not conn.headers_done:
-                    if conn.error is not None:
-                        raise conn.error
-                    await conn.wait(read_timeout)
-            except UpstreamDisconnected:
-                conn.close()
-                if conn.reused and not conn.received and reuse:
-                    # A pooled connection the server closed as we wrote to it (keep-alive race): the
-                    # server never read the request, so it is sent once more on a new connection.
-                    reuse = False
-                    continue
-                raise
-            except TimeoutError:
-                conn.close()
-                raise UpstreamTimeout(f"no response from upstream within {read_timeout}s") from None
-            except BaseException:
-                conn.close()
-                raise
-            return _HttptoolsResponse(self, conn, read_timeout)
+        # A request is never re-sent here: a pooled connection that dies before any response byte may
+        # have been closed by the server's idle timer before it read the request, or by a crash after
+        # it did; the two look alike, so the caller (who knows whether a retry is safe) decides.
+        # Expiring idle connections before SGLang's 5 s keeps the first case rare.
+        conn = await self._acquire(target.origin, read_timeout)
+        assert conn.transport is not None
+        conn.no_body = request.method == "HEAD"
+        conn.transport.write(data)
+        try:
+            while not conn.headers_done:
+                if conn.error is not None:
+                    raise conn.error
+                await conn.wait(read_timeout)
+        except TimeoutError:
+            conn.close()
+            raise UpstreamTimeout(f"no response from upstream within {read_timeout}s") from None
+        except BaseException:
+            conn.close()
+            raise
+        return _HttptoolsResponse(self, conn, read_timeout)
 
     async def aclose(self) -> None:
         self._closed = True
