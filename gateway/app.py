@@ -23,7 +23,7 @@ from litestar import Litestar
 
 from gateway.config import GatewayConfig
 from gateway.http import GatewayASGI, Proxy, ProxySettings, RouterLike, build_litestar
-from gateway.metrics import Metrics
+from gateway.metrics import METRICS_DIR_ENV, Metrics, MetricsDirectory
 from gateway.pd import PDForwarder, PDSettings, make_pd_forwarder
 from gateway.pd.asgi import PDProxy
 from gateway.registry import Worker, WorkerRegistry, WorkerSpec
@@ -76,6 +76,7 @@ class Gateway:
         telemetry: Telemetry | None = None,
         pd: PDForwarder | None = None,
         metrics: Metrics | None = None,
+        metrics_dir: str | None = None,
     ) -> None:
         self.config = config
         # Prefill/decode pools (gateway.pd); None: regular workers only.
@@ -84,8 +85,12 @@ class Gateway:
         self.registry = registry
         self.router = router
         self.telemetry = telemetry if telemetry is not None else Telemetry()
-        # This process's Prometheus counters (GET /metrics).
+        # This process's Prometheus counters (GET /metrics), shared through ``metrics_dir`` with
+        # the other processes of `gateway serve --workers N`.
         self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics_directory = (
+            MetricsDirectory(metrics_dir, self.metrics) if metrics_dir is not None else None
+        )
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> Gateway:
@@ -130,6 +135,7 @@ class Gateway:
             router=router,
             telemetry=Telemetry(otlp_endpoint=config.otlp_endpoint),
             pd=pd,
+            metrics_dir=os.environ.get(METRICS_DIR_ENV) or None,
         )
 
     def expected_models(self) -> list[str]:
@@ -137,6 +143,11 @@ class Gateway:
         if self.config.models:
             return list(self.config.models)
         return self.registry.models()
+
+    def render_metrics(self) -> bytes:
+        """GET /metrics: this process's counters, or every process's when they share a directory."""
+        metrics = self.metrics if self.metrics_directory is None else self.metrics_directory.collect()
+        return metrics.render(self.registry.workers(healthy_only=False))
 
     def readiness(self) -> tuple[bool, dict[str, int]]:
         """(ready, healthy workers per expected model)."""
@@ -147,6 +158,8 @@ class Gateway:
         return bool(expected) and all(count > 0 for count in healthy.values()), healthy
 
     async def start(self) -> None:
+        if self.metrics_directory is not None:
+            await self.metrics_directory.start()
         await self.registry.start()
         router_start: Callable[[], Any] | None = getattr(self.router, "start", None)
         if router_start is not None:
@@ -174,6 +187,8 @@ class Gateway:
             finally:
                 await self.transport.aclose()
                 self.telemetry.shutdown()
+                if self.metrics_directory is not None:
+                    await self.metrics_directory.stop()
 
 
 def create_app(gateway: Gateway) -> GatewayASGI:

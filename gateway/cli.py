@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -213,8 +215,16 @@ def serve(config: GatewayConfig) -> None:
         return
     import msgspec  # noqa: PLC0415
 
+    from gateway.metrics import METRICS_DIR_ENV  # noqa: PLC0415
+
     os.environ[RESOLVED_CONFIG_ENV] = msgspec.json.encode(config).decode()
-    uvicorn.run("gateway.app:app_from_environment", factory=True, workers=config.processes, **common)
+    # The processes add up their metrics through snapshots in a directory of this run's own.
+    metrics_dir = tempfile.mkdtemp(prefix="cachet-metrics-")
+    os.environ[METRICS_DIR_ENV] = metrics_dir
+    try:
+        uvicorn.run("gateway.app:app_from_environment", factory=True, workers=config.processes, **common)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -138,7 +138,7 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
 _FIELDS: frozenset[str] = frozenset(GatewayConfig.__struct_fields__)
 _LIST_FIELDS = frozenset({"models"})
 # Variables the process reads that are not settings (and must not be rejected as unknown).
-_NOT_SETTINGS = frozenset({"CONFIG", "WORKER_URLS", "RESOLVED_CONFIG"})
+_NOT_SETTINGS = frozenset({"CONFIG", "WORKER_URLS", "RESOLVED_CONFIG", "METRICS_DIR"})
 
 
 def _from_file(path: Path) -> dict[str, Any]:

@@ -10,31 +10,45 @@ a kind (dicts keyed by small tuples, per-model objects with fixed bucket lists);
 formatted when Prometheus scrapes, never per request. There are no locks: the counters are touched
 from one event loop.
 
-Counters are per process. With ``--workers N`` each process counts the requests it served, and a
-scrape of the shared port reaches one process at random, so Prometheus sees N interleaved series
-that each reset on that process's restart; the ``process`` label (the pid) keeps them apart, and
-``sum without (process)`` adds them up.
+Counters live in each process. With ``--workers N`` a scrape of the shared port reaches one
+process at random, so the processes share a directory (``CACHET_METRICS_DIR``, made by
+``gateway serve``): each writes a snapshot of its counters there every second and when it stops,
+and the process that answers a scrape adds every snapshot to its own live counters. Any process
+thus answers with the same sums (others' at most a second old); a process that exited keeps its
+counts in the sum, its in-flight requests not.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Protocol
+
+import msgspec
 
 __all__ = [
     "CONTENT_TYPE",
     "E2E_BUCKETS_S",
     "FAILURE_KINDS",
+    "METRICS_DIR_ENV",
     "TTFT_BUCKETS_S",
     "Histogram",
     "Metrics",
+    "MetricsDirectory",
     "ModelMetrics",
     "status_class",
 ]
 
+logger = logging.getLogger("cachet.gateway.metrics")
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Set by `gateway serve --workers N` for its processes: where they share their counters.
+METRICS_DIR_ENV = "CACHET_METRICS_DIR"
 
 # Time to first token spans a cached short prompt (milliseconds) to a long prefill queued behind
 # others (tens of seconds); end-to-end adds generation, up to the read timeout.
@@ -134,6 +148,32 @@ class ModelMetrics:
             self.prompt_tokens += prompt_tokens
 
 
+class _ModelSnapshot(msgspec.Struct, array_like=True):
+    ttft: list[int]
+    ttft_total: float
+    e2e: list[int]
+    e2e_total: float
+    retries: int
+    cache_reports: int
+    cached_tokens_predicted: int
+    cached_tokens_reported: int
+    cached_tokens_abs_error: int
+    prompt_tokens: int
+
+
+class _Snapshot(msgspec.Struct):
+    pid: int
+    in_flight: int
+    requests: list[tuple[str, str, str, int]]
+    upstream_failures: list[tuple[str, str, int]]
+    decisions: list[tuple[str, str, int | None, int]]
+    models: dict[str, _ModelSnapshot]
+
+
+_SNAPSHOT = msgspec.json.Decoder(_Snapshot)
+_ENCODER = msgspec.json.Encoder()
+
+
 class Metrics:
     """The counters of one gateway process."""
 
@@ -146,7 +186,6 @@ class Metrics:
         # (policy, worker URL, DP rank or None) -> routing decisions
         self.decisions: dict[tuple[str, str, int | None], int] = {}
         self.models: dict[str, ModelMetrics] = {}
-        self._process = str(os.getpid())
 
     def model(self, name: str) -> ModelMetrics:
         stats = self.models.get(name)
@@ -166,9 +205,66 @@ class Metrics:
         key = (worker, kind)
         self.upstream_failures[key] = self.upstream_failures.get(key, 0) + 1
 
+    def snapshot(self) -> bytes:
+        """These counters as bytes another process can ``add`` to its own."""
+        return _ENCODER.encode(
+            _Snapshot(
+                pid=os.getpid(),
+                in_flight=self.in_flight,
+                requests=[(*key, value) for key, value in self.requests.items()],
+                upstream_failures=[(*key, value) for key, value in self.upstream_failures.items()],
+                decisions=[(*key, value) for key, value in self.decisions.items()],
+                models={
+                    name: _ModelSnapshot(
+                        ttft=stats.ttft.counts,
+                        ttft_total=stats.ttft.total,
+                        e2e=stats.e2e.counts,
+                        e2e_total=stats.e2e.total,
+                        retries=stats.retries,
+                        cache_reports=stats.cache_reports,
+                        cached_tokens_predicted=stats.cached_tokens_predicted,
+                        cached_tokens_reported=stats.cached_tokens_reported,
+                        cached_tokens_abs_error=stats.cached_tokens_abs_error,
+                        prompt_tokens=stats.prompt_tokens,
+                    )
+                    for name, stats in self.models.items()
+                },
+            )
+        )
+
+    def add(self, raw: bytes, *, in_flight: bool = True) -> None:
+        """Add another process's ``snapshot`` (its in-flight gauge only if ``in_flight``)."""
+        snapshot = _SNAPSHOT.decode(raw)
+        if in_flight:
+            self.in_flight += snapshot.in_flight
+        for endpoint, model, klass, value in snapshot.requests:
+            key = (endpoint, model, klass)
+            self.requests[key] = self.requests.get(key, 0) + value
+        for worker, kind, value in snapshot.upstream_failures:
+            failure = (worker, kind)
+            self.upstream_failures[failure] = self.upstream_failures.get(failure, 0) + value
+        for policy, worker, dp_rank, value in snapshot.decisions:
+            decision = (policy, worker, dp_rank)
+            self.decisions[decision] = self.decisions.get(decision, 0) + value
+        for name, theirs in snapshot.models.items():
+            ours = self.model(name)
+            for histogram, counts, total in (
+                (ours.ttft, theirs.ttft, theirs.ttft_total),
+                (ours.e2e, theirs.e2e, theirs.e2e_total),
+            ):
+                if len(counts) != len(histogram.counts):
+                    raise ValueError("snapshot histogram has different buckets")
+                histogram.counts = [a + b for a, b in zip(histogram.counts, counts, strict=True)]
+                histogram.total += total
+            ours.retries += theirs.retries
+            ours.cache_reports += theirs.cache_reports
+            ours.cached_tokens_predicted += theirs.cached_tokens_predicted
+            ours.cached_tokens_reported += theirs.cached_tokens_reported
+            ours.cached_tokens_abs_error += theirs.cached_tokens_abs_error
+            ours.prompt_tokens += theirs.prompt_tokens
+
     def render(self, workers: Iterable[WorkerLike] = ()) -> bytes:
         """The text exposition of every metric, with each worker's health as a gauge."""
-        process = self._process
         out: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -177,7 +273,7 @@ class Metrics:
 
         def sample(name: str, labels: Sequence[tuple[str, object]], value: float) -> None:
             rendered = ",".join(f'{key}="{_escape(_label(val))}"' for key, val in labels)
-            out.append(f'{name}{{process="{process}"{"," if rendered else ""}{rendered}}} {_number(value)}')
+            out.append(f"{name}{{{rendered}}} {_number(value)}" if rendered else f"{name} {_number(value)}")
 
         family("cachet_requests_total", "counter", "Requests answered, by endpoint, model and status class.")
         for (endpoint, model, klass), value in sorted(self.requests.items()):
@@ -279,6 +375,82 @@ class Metrics:
 
         out.append("")
         return "\n".join(out).encode()
+
+
+class MetricsDirectory:
+    """Counters shared by the processes of one ``gateway serve --workers N`` through a directory."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        metrics: Metrics,
+        *,
+        interval_s: float = 1.0,
+        pid: int | None = None,
+    ) -> None:
+        """``pid`` names this process's snapshot file (tests stand in for several processes)."""
+        self._path = Path(path)
+        self._metrics = metrics
+        self._interval_s = interval_s
+        self._own = self._path / f"{os.getpid() if pid is None else pid}.json"
+        self._task: asyncio.Task[None] | None = None
+
+    def publish(self) -> None:
+        """Write this process's snapshot (atomically: a reader never sees half a file)."""
+        partial = self._own.with_suffix(".tmp")
+        partial.write_bytes(self._metrics.snapshot())
+        partial.replace(self._own)
+
+    def collect(self) -> Metrics:
+        """This process's live counters plus every other process's last snapshot."""
+        self.publish()
+        total = Metrics()
+        total.add(self._metrics.snapshot())
+        for path in sorted(self._path.glob("*.json")):
+            if path == self._own:
+                continue
+            try:
+                raw = path.read_bytes()
+                total.add(raw, in_flight=_alive(int(path.stem)))
+            except (OSError, ValueError, msgspec.DecodeError) as exc:
+                logger.warning("skipping metrics snapshot %s: %s", path, exc)
+        return total
+
+    async def start(self) -> None:
+        self._path.mkdir(parents=True, exist_ok=True)
+        self.publish()
+        self._task = asyncio.get_running_loop().create_task(self._publish_every_interval())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        # The last word of a process that stops: its counts stay in the sums.
+        in_flight, self._metrics.in_flight = self._metrics.in_flight, 0
+        try:
+            self.publish()
+        finally:
+            self._metrics.in_flight = in_flight
+
+    async def _publish_every_interval(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                self.publish()
+            except OSError as exc:
+                logger.warning("could not publish metrics to %s: %s", self._path, exc)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _label(value: object) -> str:

@@ -241,8 +241,7 @@ def build_litestar(
     @get("/metrics", guards=[admin_guard], sync_to_thread=False)
     def metrics() -> Response[bytes]:
         # Guarded like /admin when a token is set: the labels name every server behind the gateway.
-        body = gateway.metrics.render(registry.workers(healthy_only=False))
-        return Response(content=body, status_code=200, media_type=METRICS_CONTENT_TYPE)
+        return Response(content=gateway.render_metrics(), status_code=200, media_type=METRICS_CONTENT_TYPE)
 
     @get("/admin/state", guards=[admin_guard], sync_to_thread=False)
     def show_state() -> Response[bytes]:

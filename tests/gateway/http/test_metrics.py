@@ -3,13 +3,17 @@ exposition is valid Prometheus text (parsed with prometheus_client's own parser)
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import E2E_BUCKETS_S, Histogram, Metrics, status_class
+from gateway.metrics import E2E_BUCKETS_S, Histogram, Metrics, MetricsDirectory, status_class
 from gateway.upstream import UpstreamConnectError, UpstreamDisconnected, UpstreamRequest, UpstreamTimeout
 from tests.gateway.http._fakes import MODEL, FakeResponse, Harness, Script, sse, worker
 
@@ -205,7 +209,8 @@ def test_exposition_is_strict_prometheus_text_with_escaped_labels() -> None:
         if s.name.endswith("_bucket")
     }
     assert ttft["60.0"] == 0 and ttft["+Inf"] == 1
-    line = r'^(# (HELP|TYPE) \w+ .+|\w+\{process="\d+"(,\w+="([^"\\\n]|\\["\\n])*")*\} [-+0-9.eInf]+)$'
+    label = r'\w+="([^"\\\n]|\\["\\n])*"'
+    line = rf"^(# (HELP|TYPE) \w+ .+|\w+(\{{{label}(,{label})*\}})? [-+0-9.eInf]+)$"
     for row in text.splitlines():
         assert re.match(line, row), row
 
@@ -223,3 +228,46 @@ def test_status_classes() -> None:
     assert [status_class(s) for s in (0, 200, 204, 404, 499, 502)] == [
         "client_closed", "2xx", "2xx", "4xx", "4xx", "5xx",
     ]  # fmt: skip
+
+
+def _exited_pid() -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True
+    )
+    return int(done.stdout)
+
+
+async def test_processes_sharing_a_directory_all_answer_with_the_sums(tmp_path: Path) -> None:
+    first, second = Metrics(), Metrics()
+    first.request_done("chat", MODEL, 200)
+    first.model(MODEL).e2e.observe(0.3)
+    first.decision("prefix_aware", A, 1)
+    second.request_done("chat", MODEL, 200)
+    second.request_done("generate", MODEL, 503)
+    second.model(MODEL).e2e.observe(2.0)
+    second.model(MODEL).cache_report(10, 12, 40)
+    second.decision("prefix_aware", A, 1)
+    second.upstream_failure(B, "timeout")
+    second.in_flight = 3
+    live = os.getpid()
+    gone = _exited_pid()
+    one = MetricsDirectory(tmp_path, first, pid=live)
+    other = MetricsDirectory(tmp_path, second, pid=gone)
+    await other.start()
+    await other.stop()  # an exited process: its counts stay, its in-flight requests do not
+    await one.start()
+    try:
+        total = one.collect()
+    finally:
+        await one.stop()
+    assert total.requests == {("chat", MODEL, "2xx"): 2, ("generate", MODEL, "5xx"): 1}
+    assert total.decisions == {("prefix_aware", A, 1): 2}
+    assert total.upstream_failures == {(B, "timeout"): 1}
+    assert total.in_flight == 0
+    stats = total.models[MODEL]
+    assert stats.e2e.count == 2 and stats.e2e.total == pytest.approx(2.3)
+    assert (stats.cached_tokens_predicted, stats.cached_tokens_reported, stats.prompt_tokens) == (10, 12, 40)
+    # The live process's own in-flight requests count; the sums render as valid exposition.
+    first.in_flight = 2
+    assert one.collect().in_flight == 2
+    assert list(text_string_to_metric_families(one.collect().render().decode()))

@@ -103,6 +103,19 @@ def test_several_processes_serve_one_port(
         places = list(pool.map(lambda i: ask(url, "Be brief.", f"Question {i}?"), range(32)))
     assert len(places) == 32
     assert {worker for worker, _ in places} <= set(cluster_urls)
+    # Each process counts what it served; a scrape, whichever process answers it, shows the sums
+    # once the others have published their snapshots (every second).
+    time.sleep(1.5)
+    for _ in range(6):
+        text = httpx.get(url + "/metrics", timeout=10, headers={"connection": "close"}).text
+        requests = re.search(
+            r'^cachet_requests_total\{endpoint="chat",model="deepseek-ai/DeepSeek-V3",code="2xx"\} (\d+)$',
+            text,
+            re.MULTILINE,
+        )
+        assert requests is not None and int(requests.group(1)) == 32, text
+        decisions = re.findall(r"^cachet_routing_decisions_total\{.*\} (\d+)$", text, re.MULTILINE)
+        assert sum(map(int, decisions)) == 32
 
 
 def test_demo_starts_serves_and_stops_cleanly(spawn: Callable[..., ChildProcess]) -> None:
