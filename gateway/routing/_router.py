@@ -595,6 +595,22 @@ class Router(Generic[W]):
             self._capacity_scale[target] = new_scale
             self.store.model(model).index.set_budget(target, self._budget_blocks(model, worker, target))
 
+    def status(self) -> dict[str, Any]:
+        """Routing state for the admin API: the policy, the store's health and counters, and what
+        the Router has learned (bytes per token, shrunken cache-capacity estimates)."""
+        return {
+            "policy": self.policy.name,
+            "store": dict(self.store.status()),
+            "routed": dict(self._sequence),
+            "open_routes": sum(1 for route in self._live if not route._finished),
+            "bytes_per_token": {key: round(value, 3) for key, value in self._bytes_per_token.items()},
+            "capacity_scale": {
+                target.label(): round(scale, 3)
+                for target, scale in self._capacity_scale.items()
+                if scale < 1.0
+            },
+        }
+
     def recent_decisions(self, limit: int) -> list[dict[str, Any]]:
         if limit <= 0:
             return []

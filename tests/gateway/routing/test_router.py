@@ -304,3 +304,14 @@ async def test_every_worker_budget_follows_the_learned_bytes_per_token() -> None
     index = store.model("m").index
     # 100,000 tokens at 8 B/token in 256-byte blocks (32 tokens per block)
     assert index.budget(TargetKey("http://a")) == index.budget(TargetKey("http://b")) == 3125
+
+
+async def test_status_reports_store_and_learning() -> None:
+    router = make_router("prefix_aware", two_servers(), seed=1)
+    route = await router.route(prompt("s"))
+    status = router.status()
+    assert status["policy"] == "prefix_aware" and status["open_routes"] == 1
+    assert status["store"]["store"] == "memory" and status["routed"] == {"m": 1}
+    await router.finish(route, Outcome(ok=True, prompt_tokens=1024, cached_tokens=0))
+    assert router.status()["bytes_per_token"]["model:m"] == 2.0
+    assert router.status()["open_routes"] == 0
