@@ -5,6 +5,7 @@ and the PD paths; and with tracing off, the client's header passes through untou
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +15,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gateway.app import Gateway, create_app
-from gateway.config import GatewayConfig
+from gateway.cli import build_parser, config_from_args
+from gateway.config import GatewayConfig, load_config
 from gateway.pd import PDSettings, make_pd_forwarder
 from gateway.registry import Worker
 from gateway.routing import make_router
@@ -204,3 +206,20 @@ async def test_pd_requests_get_one_span_propagated_to_both_legs_and_are_counted(
     assert metrics.in_flight == 0
     stats = metrics.models[MODEL]
     assert stats.ttft.count == 1 and stats.e2e.count == 1
+
+
+def test_the_otlp_endpoint_comes_from_flag_environment_or_file_and_turns_tracing_on(tmp_path: Path) -> None:
+    endpoint = "http://127.0.0.1:4318/v1/traces"
+    from_flag = config_from_args(build_parser().parse_args(["serve", "--otlp-endpoint", endpoint]), env={})
+    from_env = load_config(env={"CACHET_OTLP_ENDPOINT": endpoint})
+    config_file = tmp_path / "cachet.toml"
+    config_file.write_text(f'otlp_endpoint = "{endpoint}"\n')
+    from_file = load_config(config_file, env={})
+    assert from_flag.otlp_endpoint == from_env.otlp_endpoint == from_file.otlp_endpoint == endpoint
+    assert load_config(env={"CACHET_OTLP_ENDPOINT": ""}).otlp_endpoint is None
+    assert not Gateway.from_config(GatewayConfig()).telemetry.enabled
+    gateway = Gateway.from_config(from_env)
+    try:
+        assert gateway.telemetry.enabled  # exporting to the endpoint (nothing is sent until a span ends)
+    finally:
+        gateway.telemetry.shutdown()
