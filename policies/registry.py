@@ -6,6 +6,7 @@ from collections.abc import Callable
 from types import MappingProxyType
 
 from policies.basic import LeastLoad, RandomChoice, RoundRobin
+from policies.decode_load import DecodeLoad
 from policies.prefix_aware import PrefixAware
 from policies.types import Policy
 
@@ -19,6 +20,8 @@ _FACTORIES: MappingProxyType[str, Callable[[], Policy]] = MappingProxyType(
         "round_robin": RoundRobin,
         "random": RandomChoice,
         "least_load": LeastLoad,
+        # Chooses PD decode targets; on regular servers it ignores prefixes (a load-only baseline).
+        "decode_load": DecodeLoad,
     }
 )
 

@@ -27,7 +27,7 @@ FEATURES = RequestFeatures(model="m", prompt_tokens=3500)
 
 
 def test_registry_names_and_unknown() -> None:
-    assert policy_names() == ["least_load", "prefix_aware", "random", "round_robin"]
+    assert policy_names() == ["decode_load", "least_load", "prefix_aware", "random", "round_robin"]
     assert get_policy("round_robin").name == "round_robin"
     assert get_policy("prefix_aware") is not get_policy("prefix_aware")
     with pytest.raises(UnknownPolicy, match="choose one of"):
