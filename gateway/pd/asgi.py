@@ -83,6 +83,15 @@ class _Answer:
         await self._send(message)
 
 
+def _with_trace(scope: Scope, trace_headers: list[tuple[str, str]]) -> Scope:
+    """``scope`` with its trace headers replaced by ``trace_headers``."""
+    headers = [
+        (name, value) for name, value in scope["headers"] if name.decode("latin-1") not in _TRACE_HEADERS
+    ]
+    headers.extend((name.encode("latin-1"), value.encode("latin-1")) for name, value in trace_headers)
+    return {**scope, "headers": headers}
+
+
 def _replay(body: bytes, receive: Receive) -> Receive:
     """A ``receive`` that hands out the already-read body first, then the client's own messages."""
     sent = False
@@ -169,40 +178,49 @@ class PDProxy:
         watcher = asyncio.get_running_loop().create_task(self._watch(receive, client, task))
         error: str | None = None
         handled = True
-        metrics.in_flight += 1
         try:
-            handled = await self._pd.forward(
-                endpoint=endpoint,
-                request=request,
-                body=body,
-                headers=headers,
-                send=answer.send,
-                client=client,
-                span=span,
-            )
-        except GatewayError as exc:
-            error = exc.message
-            if not client.started:
-                await send_error(answer.send, exc)
-        except asyncio.CancelledError:
-            if not client.disconnected:
-                raise
-            task.uncancel()
-            error = "client disconnected"
-        except Exception as exc:  # whatever broke, the client gets an answer
-            logger.exception("unexpected error while serving %s over PD", scope["path"])
-            error = f"internal error: {type(exc).__name__}"
-            await self._fail_late(answer.send, client, internal_error(exc))
+            metrics.in_flight += 1
+            try:
+                handled = await self._pd.forward(
+                    endpoint=endpoint,
+                    request=request,
+                    body=body,
+                    headers=headers,
+                    send=answer.send,
+                    client=client,
+                    span=span,
+                )
+            except GatewayError as exc:
+                error = exc.message
+                if not client.started:
+                    await send_error(answer.send, exc)
+            except asyncio.CancelledError:
+                if not client.disconnected:
+                    raise
+                task.uncancel()
+                error = "client disconnected"
+            except Exception as exc:  # whatever broke, the client gets an answer
+                logger.exception("unexpected error while serving %s over PD", scope["path"])
+                error = f"internal error: {type(exc).__name__}"
+                await self._fail_late(answer.send, client, internal_error(exc))
+            finally:
+                metrics.in_flight -= 1
+                watcher.cancel()
+                if handled:
+                    self._count(endpoint.name, request.model, answer, arrived, streamed=client.streaming)
+            if not handled:
+                # Served on a regular worker after all: the proxy's span becomes a child of this
+                # one (which holds the PD verdict), and the proxy counts the request.
+                await self._proxy.handle(
+                    scope if span is None else _with_trace(scope, span.upstream_headers()),
+                    _replay(body, receive),
+                    send,
+                )
         finally:
-            metrics.in_flight -= 1
-            watcher.cancel()
-            if handled:
-                self._count(endpoint.name, request.model, answer, arrived, streamed=client.streaming)
             if span is not None:
-                span.set(status=answer.status or None)
+                if handled:
+                    span.set(status=answer.status or None)
                 span.end(error=error)
-        if not handled:
-            await self._proxy.handle(scope, _replay(body, receive), send)
 
     def _count(self, endpoint: str, model: str, answer: _Answer, arrived: float, *, streamed: bool) -> None:
         metrics = self._metrics

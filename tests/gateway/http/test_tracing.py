@@ -44,11 +44,14 @@ STREAM_REPLY = sse(
 class Traced:
     """A gateway app built in-process with an in-memory span exporter and a recording transport."""
 
-    def __init__(self, workers: Sequence[Worker], script: Script, *, pd: bool = False) -> None:
+    def __init__(
+        self, workers: Sequence[Worker], script: Script, *, pd: bool = False, pd_direct_below: int = 0
+    ) -> None:
         self.exporter = InMemorySpanExporter()
         self.registry = FakeRegistry(workers)
         self.transport = FakeTransport(script)
-        forwarder = make_pd_forwarder(self.registry, self.transport, PDSettings(), seed=1) if pd else None
+        settings = PDSettings(direct_below_tokens=pd_direct_below)
+        forwarder = make_pd_forwarder(self.registry, self.transport, settings, seed=1) if pd else None
         self.gateway = Gateway(
             GatewayConfig(),
             transport=self.transport,
@@ -206,6 +209,30 @@ async def test_pd_requests_get_one_span_propagated_to_both_legs_and_are_counted(
     assert metrics.in_flight == 0
     stats = metrics.models[MODEL]
     assert stats.ttft.count == 1 and stats.e2e.count == 1
+
+
+async def test_a_pd_request_served_directly_nests_the_regular_span_under_the_pd_verdict() -> None:
+    prefill = msgspec.structs.replace(worker(A), role=Role.PREFILL, bootstrap_port=8998)
+    decode = msgspec.structs.replace(worker(B), role=Role.DECODE)
+    regular = worker("http://10.0.0.3:30000")
+    traced = Traced(
+        [prefill, decode, regular],
+        lambda _r: FakeResponse(200, STREAM_REPLY, content_type="text/event-stream"),
+        pd=True,
+        pd_direct_below=100_000,  # every prompt is "short": the regular worker prefills it itself
+    )
+    reply = await traced.post(STREAM_BODY, {"traceparent": CLIENT_TRACEPARENT})
+    assert reply.status_code == 200, reply.text
+    [request] = traced.transport.requests
+    assert request.url.startswith(regular.url)
+    verdict, served = sorted(traced.exporter.get_finished_spans(), key=lambda s: s.start_time or 0)
+    assert attributes(verdict)["pd"] == "direct"
+    assert format(verdict.context.trace_id, "032x") == CLIENT_TRACE
+    assert served.parent is not None and served.parent.span_id == verdict.context.span_id
+    assert attributes(served)["worker"] == regular.url and attributes(served)["status"] == 200
+    assert traced.upstream_traceparents() == [[f"00-{CLIENT_TRACE}-{ids(served)[1]}-01"]]
+    # Counted once, by the proxy that served it.
+    assert traced.gateway.metrics.requests == {("chat", MODEL, "2xx"): 1}
 
 
 def test_the_otlp_endpoint_comes_from_flag_environment_or_file_and_turns_tracing_on(tmp_path: Path) -> None:
