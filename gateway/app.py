@@ -217,6 +217,7 @@ def create_app(gateway: Gateway) -> GatewayASGI:
     )
     front: Proxy | PDProxy = proxy
     if gateway.pd is not None:
+        gateway.pd.metrics = gateway.metrics
         # PD pools in front of the regular path: a request for a model without pools (or any
         # request while no PD server is registered) goes straight through to the proxy.
         front = PDProxy(

@@ -65,7 +65,8 @@ E2E_BUCKETS_S: tuple[float, ...] = (
 #   status_5xx  the server answered 5xx before any byte reached the client
 #   disconnect  the connection died before the response's first body byte
 #   mid_stream  the connection died (or stalled) after the client had seen bytes: the stream was cut
-FAILURE_KINDS = ("connect", "timeout", "status_5xx", "disconnect", "mid_stream")
+#   error_reply PD prefill answered 200 with an error or an aborted request in its body
+FAILURE_KINDS = ("connect", "timeout", "status_5xx", "disconnect", "mid_stream", "error_reply")
 
 # Status class of the answer to the client; "client_closed" when the client left before any answer.
 _STATUS_CLASSES = ("client_closed", "1xx", "2xx", "3xx", "4xx", "5xx")
@@ -321,7 +322,7 @@ class Metrics:
             "cachet_upstream_failures_total",
             "counter",
             "Failed upstream attempts, by worker and kind "
-            "(connect, timeout, status_5xx, disconnect, mid_stream).",
+            "(connect, timeout, status_5xx, disconnect, mid_stream, error_reply).",
         )
         for (worker, kind), value in sorted(self.upstream_failures.items()):
             sample("cachet_upstream_failures_total", (("worker", worker), ("kind", kind)), value)

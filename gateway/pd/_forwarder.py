@@ -33,6 +33,7 @@ import msgspec
 from backends.sglang import DEFAULT_BOOTSTRAP_PORT, Bootstrap, PdRequests, shape_pd_requests
 from gateway.errors import GatewayError, model_not_found, sse_error_event, upstream_failed
 from gateway.http._usage import Usage, usage_from_body, usage_from_stream_tail
+from gateway.metrics import Metrics
 from gateway.pd._logprobs import StreamMerger, input_logprobs, merge_body
 from gateway.pd._rooms import RoomAllocator
 from gateway.pd._settings import PDSettings
@@ -126,6 +127,19 @@ class _LegFailed(Exception):
         self.url = url
         self.timeout = timeout
         self.status = status
+
+
+def _failure_kind(exc: _LegFailed) -> str:
+    """The gateway.metrics failure kind of a failed leg."""
+    if exc.status is not None:
+        return "status_5xx"
+    if exc.timeout:
+        return "timeout"
+    if isinstance(exc.__cause__, UpstreamConnectError):
+        return "connect"
+    if isinstance(exc.__cause__, UpstreamError):
+        return "disconnect"
+    return "error_reply"  # a 200 whose body reports an error or an abort
 
 
 class _PrefillAnswer:
@@ -250,8 +264,11 @@ class PDForwarder:
         rooms: RoomAllocator | None = None,
         clock: Callable[[], float] = time.perf_counter,
         on_connect_failure: Callable[[str], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._registry = registry
+        # Routing decisions, retries and failures of the legs; the app binds the gateway's own.
+        self.metrics = metrics if metrics is not None else Metrics()
         self._transport = transport
         self._prefill = prefill_router
         self._decode = decode_router
@@ -357,6 +374,11 @@ class PDForwarder:
                 if failure is not None:
                     break
                 return self._pool_down(request.model, Role.DECODE)
+            metrics = self.metrics
+            if attempt > 0:
+                metrics.model(request.model).retries += 1
+            for route in (prefill_route, decode_route):
+                metrics.decision(route.decision.policy, route.worker.url, route.decision.target.dp_rank)
             try:
                 await self._pair(
                     endpoint=endpoint,
@@ -375,6 +397,7 @@ class PDForwarder:
                 return True
             except _LegFailed as exc:
                 logger.warning("PD attempt %d failed before the first byte: %s", attempt + 1, exc)
+                metrics.upstream_failure(exc.url, _failure_kind(exc))
                 failure = exc
                 excluded[exc.role] = excluded[exc.role] | {exc.url}
         assert failure is not None
@@ -828,6 +851,7 @@ class PDForwarder:
                     await send({"type": "http.response.body", "body": rest, "more_body": True})
         except UpstreamError as exc:
             logger.warning("decode %s failed mid-stream: %s", decode_url, exc)
+            self.metrics.upstream_failure(decode_url, "mid_stream")
             client.completing = True
             await send(
                 {

@@ -177,7 +177,7 @@ def _pd_server(request: UpstreamRequest) -> FakeResponse:
     """A prefill answers its one token; a decode streams the generation (SGLang PD's replies)."""
     body = msgspec.json.decode(request.body)
     assert "bootstrap_room" in body
-    if request.url.startswith(A):  # prefill
+    if not request.url.startswith(B):  # a prefill (B is the decode server)
         meta = {"finish_reason": {"type": "length", "length": 0}, "prompt_tokens": 12, "cached_tokens": 0}
         reply = msgspec.json.encode({"text": "", "output_ids": [5], "meta_info": meta})
         return FakeResponse(200, sse(reply), content_type="text/event-stream")
@@ -209,6 +209,32 @@ async def test_pd_requests_get_one_span_propagated_to_both_legs_and_are_counted(
     assert metrics.in_flight == 0
     stats = metrics.models[MODEL]
     assert stats.ttft.count == 1 and stats.e2e.count == 1
+    assert {worker: n for (_policy, worker, _rank), n in metrics.decisions.items()} == {A: 1, B: 1}
+    assert metrics.upstream_failures == {} and stats.retries == 0
+
+
+async def test_a_pd_leg_failure_is_counted_by_kind_and_the_new_pair_as_a_retry() -> None:
+    refused: list[str] = []
+
+    def script(request: UpstreamRequest) -> FakeResponse:
+        is_prefill = not request.url.startswith(B)
+        if is_prefill and not refused:  # the first prefill server tried refuses the connection
+            refused.append(request.url.removesuffix("/v1/chat/completions"))
+            raise UpstreamConnectError("refused")
+        return _pd_server(request)
+
+    prefills = [
+        msgspec.structs.replace(worker(url), role=Role.PREFILL, bootstrap_port=8998)
+        for url in (A, "http://10.0.0.4:30000")
+    ]
+    decode = msgspec.structs.replace(worker(B), role=Role.DECODE)
+    traced = Traced([*prefills, decode], script, pd=True)
+    assert (await traced.post(STREAM_BODY, {})).status_code == 200
+    metrics = traced.gateway.metrics
+    assert metrics.upstream_failures == {(refused[0], "connect"): 1}
+    assert metrics.models[MODEL].retries == 1
+    assert metrics.requests == {("chat", MODEL, "2xx"): 1}
+    assert sum(metrics.decisions.values()) == 4  # two legs per attempt, two attempts
 
 
 async def test_a_pd_request_served_directly_nests_the_regular_span_under_the_pd_verdict() -> None:
