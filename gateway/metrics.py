@@ -46,7 +46,8 @@ __all__ = [
 
 logger = logging.getLogger("cachet.gateway.metrics")
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The exposition format's media type (the HTTP layer appends "; charset=utf-8").
+CONTENT_TYPE = "text/plain; version=0.0.4"
 # Set by `gateway serve --workers N` for its processes: where they share their counters.
 METRICS_DIR_ENV = "CACHET_METRICS_DIR"
 

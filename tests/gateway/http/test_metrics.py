@@ -62,7 +62,7 @@ async def test_a_success_counts_the_request_the_decision_latency_and_the_cache_r
     assert await post(harness) == 200
     samples, content_type = await scrape(harness)
 
-    assert content_type.startswith("text/plain; version=0.0.4")
+    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
     assert value(samples, "cachet_requests_total", endpoint="chat", model=MODEL, code="2xx") == 1
     assert value(samples, "cachet_requests_in_flight") == 0
     decisions = [k for k in samples if k[0] == "cachet_routing_decisions_total"]
