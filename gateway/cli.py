@@ -102,7 +102,10 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--health-interval", dest="health_interval_s", type=float, help="seconds (default 5)")
     limits.add_argument("--load-interval", dest="load_interval_s", type=float, help="seconds (default 1)")
     other = parser.add_argument_group("other")
-    other.add_argument("--transport", help="upstream HTTP client: aiohttp (default), httpx, httpx2")
+    other.add_argument(
+        "--transport",
+        help="upstream HTTP client: httptools (default, http:// only), aiohttp (https too), httpx, httpx2",
+    )
     other.add_argument(
         "--otlp-endpoint", help="OTLP/HTTP traces endpoint, e.g. http://127.0.0.1:4318/v1/traces"
     )
@@ -190,7 +193,7 @@ def serve(config: GatewayConfig) -> None:
     signal.signal(signal.SIGTERM, _stopped)
     import uvicorn  # noqa: PLC0415 - only the serving path needs it
 
-    from gateway.app import RESOLVED_CONFIG_ENV, Gateway, create_app  # noqa: PLC0415
+    from gateway.app import RESOLVED_CONFIG_ENV, Gateway, create_app, tune_gc_for_serving  # noqa: PLC0415
 
     _configure_logging(config.log_level)
     if config.processes > 1 and config.redis_url is None:
@@ -211,7 +214,9 @@ def serve(config: GatewayConfig) -> None:
         "timeout_graceful_shutdown": 10,
     }
     if config.processes == 1:
-        uvicorn.run(create_app(Gateway.from_config(config)), **common)
+        app = create_app(Gateway.from_config(config))
+        tune_gc_for_serving()
+        uvicorn.run(app, **common)
         return
     import msgspec  # noqa: PLC0415
 
