@@ -90,6 +90,28 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     routing.add_argument("--policy", help=f"routing policy: {', '.join(policy_names())}")
     routing.add_argument("--redis-url", help="share routing state with other gateways through Redis")
     routing.add_argument("--seed", type=int, help="seed the policy's random choices (reproducible runs)")
+    pd = parser.add_argument_group("PD disaggregation (models served by --prefill and --decode pools)")
+    pd.add_argument(
+        "--pd-direct-below",
+        dest="pd_direct_below_tokens",
+        type=int,
+        metavar="TOKENS",
+        help="send requests with fewer uncached prompt tokens to a regular server (default 0: never)",
+    )
+    pd.add_argument(
+        "--pd-fallback",
+        dest="pd_fallback_to_regular",
+        action="store_const",
+        const=True,
+        help="when a PD pool has no healthy server, serve its model on regular servers instead of a 503",
+    )
+    pd.add_argument(
+        "--pd-prefill-timeout",
+        dest="pd_prefill_timeout_s",
+        type=float,
+        metavar="SECONDS",
+        help="give up on a prefill leg (and abort its decode leg) after this long (default 120)",
+    )
     limits = parser.add_argument_group("limits and timeouts")
     limits.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 4 MiB)")
     limits.add_argument(
@@ -156,6 +178,9 @@ _FLAG_FIELDS = (
     "read_timeout_s",
     "health_interval_s",
     "load_interval_s",
+    "pd_direct_below_tokens",
+    "pd_fallback_to_regular",
+    "pd_prefill_timeout_s",
     "transport",
     "otlp_endpoint",
     "admin_token",

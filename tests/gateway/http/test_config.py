@@ -137,3 +137,16 @@ def test_public_config_masks_secrets() -> None:
     config = GatewayConfig(admin_token="t", redis_url="redis://u:p@h:1/0")
     shown = config.public()
     assert shown["admin_token"] == "***" and shown["redis_url"] == "redis://***@h:1/0"
+
+
+def test_pd_flags_reach_the_config() -> None:
+    flags = ["serve", "--prefill", "http://p:1,9001", "--decode", "http://d:1"]
+    defaults = config_from_args(build_parser().parse_args(flags), env={})
+    assert (defaults.pd_direct_below_tokens, defaults.pd_fallback_to_regular) == (0, False)
+    args = build_parser().parse_args(
+        [*flags, "--pd-direct-below", "512", "--pd-fallback", "--pd-prefill-timeout", "30"]
+    )
+    config = config_from_args(args, env={})
+    assert config.pd_direct_below_tokens == 512
+    assert config.pd_fallback_to_regular is True
+    assert config.pd_prefill_timeout_s == 30.0
