@@ -153,6 +153,7 @@ class Gateway:
             fail_threshold=config.health_fail_threshold,
             recover_threshold=config.health_recover_threshold,
             load_interval_s=config.load_interval_s,
+            configured_models=config.models,
         )
         router = make_router(config.policy, registry, redis_url=config.redis_url, seed=config.seed)
         pd = make_pd_forwarder(

@@ -57,7 +57,11 @@ class WorkerRegistry:
         load_interval_s: float = 1.0,
         request_timeout_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        configured_models: Iterable[str] = (),
     ) -> None:
+        """``configured_models``: models the operator says this gateway serves (``--model``); they
+        count as served before any server has answered, so a request for one while its servers are
+        still loading is "no healthy server, retry" (503), not "no such model" (404)."""
         if health_interval_s <= 0 or load_interval_s <= 0 or request_timeout_s <= 0:
             raise ValueError("registry intervals and timeouts must be positive")
         self._transport = transport
@@ -67,6 +71,7 @@ class WorkerRegistry:
         self._fail_threshold = fail_threshold
         self._recover_threshold = recover_threshold
         self._clock = clock
+        self._configured_models = frozenset(configured_models)
         self._entries: dict[str, _Entry] = {}
         self._started = False
         # Bumped on every change to any Worker; lets workers() answer from a cache on the hot path.
@@ -146,13 +151,14 @@ class WorkerRegistry:
         return entry.worker if entry else None
 
     def models(self) -> list[str]:
-        """Every model some configured server serves (healthy or not): discovered or configured."""
+        """Every model served (healthy or not): configured by name, or some server's discovered or
+        configured model."""
         names = {
             entry.worker.model
             for entry in self._entries.values()
             if entry.worker.discovered or entry.spec.model is not None
         }
-        return sorted(names)
+        return sorted(names | self._configured_models)
 
     def reported_load(self, target: TargetKey) -> ReportedLoad | None:
         entry = self._entries.get(target.worker)

@@ -135,6 +135,25 @@ async def test_unreachable_at_start_is_retried_not_fatal(transport: Transport) -
         await registry.stop()
 
 
+async def test_configured_models_count_as_served_before_any_server_answers(transport: Transport) -> None:
+    # A server still loading its weights must make its model "unavailable, retry", not "unknown".
+    down = closed_port()
+    specs = [
+        WorkerSpec(f"http://127.0.0.1:{down}"),
+        WorkerSpec(f"http://127.0.0.1:{closed_port()}", model="r1"),
+    ]
+    registry = WorkerRegistry(specs, transport, configured_models=["deepseek-ai/DeepSeek-V3"], **FAST)
+    await registry.start()
+    try:
+        assert registry.workers() == []
+        assert registry.models() == ["deepseek-ai/DeepSeek-V3", "r1"]
+        async with FakeSglang(port=down):
+            await eventually(lambda: bool(registry.workers()))
+            assert registry.models() == ["deepseek-ai/DeepSeek-V3", "deepseek-v3", "r1"]
+    finally:
+        await registry.stop()
+
+
 def _v1_loads(aggregate: bool) -> dict[str, object]:
     body: dict[str, object] = {
         "timestamp": "2026-07-01T00:00:00Z",

@@ -1,0 +1,45 @@
+"""Starting the gateway when its surroundings are not ready yet: servers still loading, https
+servers, Redis down, bad settings — real `gateway serve` processes, what an operator would see."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from tests.conftest import ChildProcess, find_free_port, wait_for_http
+
+pytestmark = pytest.mark.timeout(90)
+
+MODEL = "deepseek-ai/DeepSeek-V3"
+
+
+def serve(spawn: Callable[..., ChildProcess], *args: str) -> tuple[str, ChildProcess]:
+    port = find_free_port()
+    process = spawn([sys.executable, "-m", "gateway", "serve", "--port", str(port), *args])
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(url + "/health", timeout=60, process=process)
+    return url, process
+
+
+def test_a_configured_model_whose_server_is_still_loading_is_unavailable_not_unknown(
+    spawn: Callable[..., ChildProcess],
+) -> None:
+    # SGLang takes minutes to load DeepSeek-V3: until then its port refuses connections.
+    url, _ = serve(spawn, "--model", MODEL, "--worker", f"http://127.0.0.1:{find_free_port()}")
+    reply = httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        timeout=10,
+    )
+    assert reply.status_code == 503, reply.text
+    assert int(reply.headers["retry-after"]) >= 0
+    # A model nobody configured is still unknown.
+    other = httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": "no-such-model", "messages": [{"role": "user", "content": "Hi"}]},
+        timeout=10,
+    )
+    assert other.status_code == 404, other.text
