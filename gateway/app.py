@@ -126,8 +126,15 @@ class Gateway:
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> Gateway:
+        transport_name = config.upstream_transport
+        if config.transport is None and transport_name != DEFAULT_TRANSPORT:
+            logger.info(
+                "using the %s transport: %s (the default) speaks http:// only and some workers are https://",
+                transport_name,
+                DEFAULT_TRANSPORT,
+            )
         transport = make_transport(
-            config.transport or DEFAULT_TRANSPORT,
+            transport_name,
             max_connections=config.max_connections,
             connect_timeout=config.connect_timeout_s,
             read_timeout=config.read_timeout_s,
@@ -140,7 +147,7 @@ class Gateway:
         # The registry's own small pool: a proxy pool saturated by clients must not delay (or fail)
         # health checks and so take healthy servers out.
         control_transport = make_transport(
-            config.transport or DEFAULT_TRANSPORT,
+            transport_name,
             max_connections=_CONTROL_CONNECTIONS,
             connect_timeout=config.connect_timeout_s,
             read_timeout=config.read_timeout_s,

@@ -13,6 +13,7 @@ servers are ``CACHET_WORKER_URLS=http://h1:30000,http://h2:30000`` (regular role
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,12 +21,18 @@ from typing import Any, Literal
 
 import msgspec
 
+from gateway.upstream import DEFAULT_TRANSPORT, TRANSPORT_NAMES
 from policies.registry import DEFAULT_POLICY, policy_names
 
 __all__ = ["ENV_PREFIX", "ConfigError", "GatewayConfig", "WorkerEntry", "load_config"]
 
 ENV_PREFIX = "CACHET_"
 _MIB = 1024 * 1024
+# The transport that has no TLS, and the one chosen instead when a worker needs it.
+_HTTP_ONLY_TRANSPORT = "httptools"
+_TLS_TRANSPORT = "aiohttp"
+# Transports whose client package is an optional dependency.
+_OPTIONAL_TRANSPORTS = frozenset({"httpx", "httpx2"})
 
 
 class ConfigError(ValueError):
@@ -58,7 +65,8 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
     # Shared routing state for gateway replicas; None: embedded in-memory state.
     redis_url: str | None = None
     seed: int | None = None
-    # Upstream transport implementation (see gateway.upstream.make_transport); None: the fastest.
+    # Upstream transport implementation (see gateway.upstream.make_transport); None: the fastest
+    # one that speaks every configured worker's scheme (see ``upstream_transport``).
     transport: str | None = None
     connect_timeout_s: float = 2.0
     # Longest silence tolerated from an upstream (no headers / no next byte) before giving up.
@@ -116,6 +124,19 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
         for worker in self.workers:
             if not worker.url.startswith(("http://", "https://")):
                 raise ConfigError(f"worker url must start with http:// or https://, got {worker.url!r}")
+        if self.transport is not None and self.transport not in TRANSPORT_NAMES:
+            raise ConfigError(
+                f"unknown transport {self.transport!r}; choose one of {', '.join(TRANSPORT_NAMES)}"
+            )
+        if self.transport in _OPTIONAL_TRANSPORTS and importlib.util.find_spec(self.transport) is None:
+            package = self.transport
+            raise ConfigError(f"transport {package!r} needs the {package!r} package: pip install {package}")
+        https = [worker.url for worker in self.workers if worker.url.startswith("https://")]
+        if https and self.transport == _HTTP_ONLY_TRANSPORT:
+            raise ConfigError(
+                f"transport {_HTTP_ONLY_TRANSPORT!r} speaks http:// only, but {https[0]} is https://; "
+                "use --transport aiohttp (or leave it unset)"
+            )
         urls = [worker.url.rstrip("/") for worker in self.workers]
         if len(set(urls)) != len(urls):
             raise ConfigError("a worker url is listed twice")
@@ -124,9 +145,24 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
                 f"redis_url must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}"
             )
 
+    @property
+    def upstream_transport(self) -> str:
+        """The transport the gateway uses: the chosen one, else the fastest (http:// only) unless
+        some worker is https://, then aiohttp."""
+        if self.transport is not None:
+            return self.transport
+        if DEFAULT_TRANSPORT == _HTTP_ONLY_TRANSPORT and self.has_https_workers:
+            return _TLS_TRANSPORT
+        return DEFAULT_TRANSPORT
+
+    @property
+    def has_https_workers(self) -> bool:
+        return any(worker.url.startswith("https://") for worker in self.workers)
+
     def public(self) -> dict[str, Any]:
-        """The settings as shown by /admin/config: secrets masked."""
+        """The settings as shown by /admin/config: secrets masked, the transport as resolved."""
         shown: dict[str, Any] = msgspec.to_builtins(self)
+        shown["transport"] = self.upstream_transport
         if self.admin_token:
             shown["admin_token"] = "***"
         if self.redis_url and "@" in self.redis_url:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import build_parser, config_from_args
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import ConfigError, GatewayConfig, WorkerEntry, load_config
+from gateway.upstream import DEFAULT_TRANSPORT
 
 FILE = """
 port = 9000
@@ -82,6 +83,8 @@ def test_environment_overrides_file_and_flags_override_environment(tmp_path: Pat
         ("[[workers]]\nurl = 'http://a'\nrole = 'boss'", {}, "role"),
         ("max_body_bytes = 0", {}, "max_body_bytes"),
         ("redis_url = 'localhost:6379'", {}, "redis_url"),
+        ("transport = 'foo'", {}, "unknown transport 'foo'"),
+        ("transport = 'httptools'\n[[workers]]\nurl = 'https://a'", {}, "http:// only"),
     ],
 )
 def test_invalid_settings_say_which(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
@@ -150,3 +153,14 @@ def test_pd_flags_reach_the_config() -> None:
     assert config.pd_direct_below_tokens == 512
     assert config.pd_fallback_to_regular is True
     assert config.pd_prefill_timeout_s == 30.0
+
+
+def test_the_transport_resolves_to_one_that_speaks_every_workers_scheme() -> None:
+    plain = GatewayConfig(workers=(WorkerEntry("http://a:1"),))
+    assert plain.upstream_transport == DEFAULT_TRANSPORT == "httptools"
+    tls = GatewayConfig(workers=(WorkerEntry("http://a:1"), WorkerEntry("https://b:1")))
+    assert tls.upstream_transport == "aiohttp"
+    chosen = GatewayConfig(transport="httpx", workers=(WorkerEntry("https://b:1"),))
+    assert chosen.upstream_transport == "httpx"
+    # /admin/config shows what is in use, not "null".
+    assert plain.public()["transport"] == "httptools" and tls.public()["transport"] == "aiohttp"

@@ -3,6 +3,7 @@ servers, Redis down, bad settings — real `gateway serve` processes, what an op
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Callable
 
@@ -43,3 +44,34 @@ def test_a_configured_model_whose_server_is_still_loading_is_unavailable_not_unk
         timeout=10,
     )
     assert other.status_code == 404, other.text
+
+
+def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    """A `gateway serve` that is expected to refuse to start."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(find_free_port()), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--transport", "foo"), "unknown transport 'foo'"),
+        (("--transport", "httptools", "--worker", "https://127.0.0.1:1"), "http:// only"),
+    ],
+)
+def test_a_bad_transport_is_a_clean_configuration_error(args: tuple[str, ...], message: str) -> None:
+    result = run_serve(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("gateway: invalid configuration: "), result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_https_workers_get_a_transport_that_speaks_tls(spawn: Callable[..., ChildProcess]) -> None:
+    url, process = serve(spawn, "--worker", f"https://127.0.0.1:{find_free_port()}")
+    process.wait_for_line(r"INFO cachet\.gateway: using the aiohttp transport")
+    assert httpx.get(url + "/admin/config", timeout=10).json()["transport"] == "aiohttp"
