@@ -214,6 +214,7 @@ class Gateway:
         router_start: Callable[[], Any] | None = getattr(self.router, "start", None)
         if router_start is not None:
             await router_start()
+        self._warn_if_state_is_local_only()
         if self.pd is not None:
             await self.pd.start()
         logger.info(
@@ -223,6 +224,20 @@ class Gateway:
             self.config.policy,
             "redis" if self.config.redis_url else "embedded",
         )
+
+    def _warn_if_state_is_local_only(self) -> None:
+        """Say so when Redis did not answer: routing goes on, but on this process's own state."""
+        if self.config.redis_url is None:
+            return
+        router_status: Callable[[], Any] | None = getattr(self.router, "status", None)
+        store = router_status().get("store", {}) if router_status is not None else {}
+        if store.get("redis_connected") is False:
+            error = store.get("last_error") or "no answer"
+            logger.warning(
+                "Redis at %s is not reachable (%s): routing on this process's local state until it answers",
+                self.config.public()["redis_url"],
+                error,
+            )
 
     async def stop(self) -> None:
         try:

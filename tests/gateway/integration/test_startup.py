@@ -75,3 +75,14 @@ def test_https_workers_get_a_transport_that_speaks_tls(spawn: Callable[..., Chil
     url, process = serve(spawn, "--worker", f"https://127.0.0.1:{find_free_port()}")
     process.wait_for_line(r"INFO cachet\.gateway: using the aiohttp transport")
     assert httpx.get(url + "/admin/config", timeout=10).json()["transport"] == "aiohttp"
+
+
+def test_an_unreachable_redis_is_reported_at_start_up(
+    spawn: Callable[..., ChildProcess], redis_server: str
+) -> None:
+    _, down = serve(spawn, "--redis-url", f"redis://127.0.0.1:{find_free_port()}/0")
+    down.wait_for_line(r"WARNING cachet\.gateway: Redis at redis://127\.0\.0\.1:\d+/0 is not reachable")
+    down.wait_for_line(r"local state until it answers")
+    _, up = serve(spawn, "--redis-url", redis_server)
+    up.wait_for_line(r"gateway ready to route: .* state redis")
+    assert "not reachable" not in up.output
