@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -38,6 +39,7 @@ __all__ = [
     "Gateway",
     "RegistryAPI",
     "app_from_environment",
+    "configure_logging",
     "create_app",
     "tune_gc_for_serving",
 ]
@@ -49,6 +51,14 @@ RESOLVED_CONFIG_ENV = "CACHET_RESOLVED_CONFIG"
 _CONTROL_CONNECTIONS = 32
 # Allocations between young-generation collections while serving (CPython's default is 700).
 _GC_YOUNG_THRESHOLD = 50_000
+
+
+def configure_logging(level: str) -> None:
+    """Cachet's log lines on stderr: one format for every serving process (the parent and each of
+    `gateway serve --workers N`'s children, which start with Python's bare defaults)."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 def tune_gc_for_serving() -> None:
@@ -304,6 +314,7 @@ def app_from_environment() -> GatewayASGI:
     if raw is None:
         raise RuntimeError(f"{RESOLVED_CONFIG_ENV} is not set; start the gateway with `gateway serve`")
     config = msgspec.json.decode(raw.encode(), type=GatewayConfig)
+    configure_logging(config.log_level)
     app = create_app(Gateway.from_config(config))
     tune_gc_for_serving()
     return app

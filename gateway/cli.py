@@ -195,12 +195,6 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
     return load_config(args.config, env=dict(os.environ) if env is None else env, overrides=overrides)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-
-
 class _Stopped(Exception):
     """SIGTERM arrived and the server has shut down gracefully."""
 
@@ -218,9 +212,15 @@ def serve(config: GatewayConfig) -> None:
     signal.signal(signal.SIGTERM, _stopped)
     import uvicorn  # noqa: PLC0415 - only the serving path needs it
 
-    from gateway.app import RESOLVED_CONFIG_ENV, Gateway, create_app, tune_gc_for_serving  # noqa: PLC0415
+    from gateway.app import (  # noqa: PLC0415
+        RESOLVED_CONFIG_ENV,
+        Gateway,
+        configure_logging,
+        create_app,
+        tune_gc_for_serving,
+    )
 
-    _configure_logging(config.log_level)
+    configure_logging(config.log_level)
     if config.processes > 1 and config.redis_url is None:
         logging.getLogger("cachet.gateway").warning(
             "%d processes without --redis-url: each keeps its own routing state (prefix index, loads)",

@@ -273,7 +273,11 @@ class WorkerRegistry:
             healthy = entry.health.healthy
             entry.worker = msgspec.structs.replace(entry.worker, healthy=healthy)
             self._changed()
-            log.warning("worker %s is now %s", entry.worker.url, "healthy" if healthy else "UNHEALTHY")
+            # Coming up is routine (every start-up, every recovery); going down needs attention.
+            if healthy:
+                log.info("worker %s is now healthy", entry.worker.url)
+            else:
+                log.warning("worker %s is now UNHEALTHY", entry.worker.url)
 
     # --- loads -----------------------------------------------------------------------------
 

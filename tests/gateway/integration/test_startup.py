@@ -3,8 +3,10 @@ servers, Redis down, bad settings — real `gateway serve` processes, what an op
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import httpx
@@ -86,3 +88,20 @@ def test_an_unreachable_redis_is_reported_at_start_up(
     _, up = serve(spawn, "--redis-url", redis_server)
     up.wait_for_line(r"gateway ready to route: .* state redis")
     assert "not reachable" not in up.output
+
+
+def test_every_process_of_a_multi_process_gateway_logs_like_a_single_one(
+    spawn: Callable[..., ChildProcess],
+) -> None:
+    _, process = serve(spawn, "--workers", "2", "--worker", f"http://127.0.0.1:{find_free_port()}")
+    line = r"^\d{4}-\d\d-\d\d [\d:,]+ INFO cachet\.gateway: gateway ready to route"
+    process.wait_for_line(line)
+    # The registry's warnings keep the same format too (not a bare message from Python's fallback).
+    process.wait_for_line(
+        r"^\d{4}-\d\d-\d\d [\d:,]+ WARNING cachet\.registry: worker http://\S+ not reachable"
+    )
+    deadline = time.monotonic() + 30
+    while sum(1 for text in process.lines if re.search(line, text)) < 2:
+        assert time.monotonic() < deadline, process.output
+        time.sleep(0.1)
+    assert not any(text.startswith("worker http://") for text in process.lines), process.output

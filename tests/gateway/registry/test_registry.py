@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -117,6 +118,23 @@ async def test_health_thresholds_and_recovery(transport: Transport) -> None:
             assert registry.workers()[0].dp_size == 3  # re-discovered on recovery
         finally:
             await registry.stop()
+
+
+async def test_coming_up_is_info_going_down_is_a_warning(
+    transport: Transport, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="cachet.registry")
+    async with FakeSglang() as server:
+        registry = WorkerRegistry([WorkerSpec(server.url)], transport, fail_threshold=1, **FAST)
+        await registry.start()
+        try:
+            server.healthy = False
+            await eventually(lambda: not registry.workers())
+        finally:
+            await registry.stop()
+    levels = {record.getMessage(): record.levelno for record in caplog.records}
+    assert levels[f"worker {server.url} is now healthy"] == logging.INFO
+    assert levels[f"worker {server.url} is now UNHEALTHY"] == logging.WARNING
 
 
 async def test_unreachable_at_start_is_retried_not_fatal(transport: Transport) -> None:
