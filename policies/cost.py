@@ -59,9 +59,15 @@ def uncached_tokens(features: RequestFeatures, target: TargetView) -> int:
     return max(features.prompt_tokens - cached, 1)
 
 
-def score_s(features: RequestFeatures, target: TargetView, work_weight: float) -> float:
-    """``ttft_s`` + ``work_weight`` × this request's own prefill time on ``target`` (one body: it runs
-    for every candidate of every decision)."""
+def score_s(
+    features: RequestFeatures, target: TargetView, work_weight: float, stall_weight: float = 0.0
+) -> float:
+    """``ttft_s`` + (``work_weight`` + ``stall_weight`` × requests running there) × this request's own
+    prefill time on ``target`` (one body: it runs for every candidate of every decision).
+
+    The stall term: SGLang runs a prefill between decode steps, so each request already running on
+    the target waits out this prompt's uncached prefill before its next token.
+    """
     speed = max(target.prefill_tokens_per_s, _MIN_PREFILL_TOKENS_PER_S)
     queued = target.inflight_prefill_tokens
     reported = target.reported_waiting_tokens
@@ -72,8 +78,11 @@ def score_s(features: RequestFeatures, target: TargetView, work_weight: float) -
     if cached > prompt - 1:
         cached = prompt - 1 if prompt > 0 else 0
     uncached = max(prompt - cached, 1)
-    seconds = (queued + (1.0 + work_weight) * uncached) / speed
-    if target.inflight_requests > 0 or target.reported_running or target.reported_waiting:
+    running = target.inflight_requests
+    reported_running = (target.reported_running or 0) + (target.reported_waiting or 0)
+    running = max(running, reported_running)
+    seconds = (queued + (1.0 + work_weight + stall_weight * running) * uncached) / speed
+    if running > 0:
         seconds += 0.5 * target.decode_step_s
     return seconds
 

@@ -112,20 +112,27 @@ class BoundedLoad:
 
 
 class TtftScorer:
-    """Estimated TTFT, plus ``work_weight`` × this request's own prefill time there.
+    """Estimated TTFT, plus (``work_weight`` + ``stall_weight`` × running requests) × this request's
+    own prefill time there.
 
     TTFT alone is myopic: a miss on a slightly shorter queue wins the request a few milliseconds but
     adds its whole prompt to the cluster's prefill work, which everyone queued after it pays for.
-    Charging the uncached prefill once more (weight 1) counts that cost; 0 is pure TTFT.
+    Charging the uncached prefill once more (weight 1) counts that cost; 0 is pure TTFT. The prefill
+    also stalls every request decoding on that target for as long (weight 1: their lost seconds
+    count like this request's own): a new conversation, a long prefill, goes where few decode, while
+    a follow-up turn, a short prefill on top of its cached history, stays with its history even on
+    a busy target — which keeps the sessions spread instead of crowding the target that first held a
+    shared system prompt until the load bound sends follow-ups away from their own cache.
     """
 
     name = "ttft"
 
-    def __init__(self, work_weight: float = 1.0) -> None:
+    def __init__(self, work_weight: float = 1.0, stall_weight: float = 1.0) -> None:
         self.work_weight = work_weight
+        self.stall_weight = stall_weight
 
     def score(self, features: RequestFeatures, snapshot: Snapshot, index: int) -> float:
-        return cost.score_s(features, snapshot.targets[index], self.work_weight)
+        return cost.score_s(features, snapshot.targets[index], self.work_weight, self.stall_weight)
 
 
 class Pick:

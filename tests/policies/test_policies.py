@@ -7,7 +7,8 @@ import msgspec
 import pytest
 
 from policies import UnknownPolicy, cost, get_policy, policy_names
-from policies.pieces import MatchedPlusSample
+from policies.pieces import MatchedPlusSample, TtftScorer
+from policies.prefix_aware import PrefixAware
 from policies.types import NoTarget, RequestFeatures, Role, Snapshot, TargetKey, TargetView
 
 
@@ -180,3 +181,39 @@ def test_inlined_ttft_matches_its_definition() -> None:
         assert cost.ttft_s(features, target) == pytest.approx(expected)
         weighted = expected + 0.7 * cost.uncached_tokens(features, target) / speed
         assert cost.score_s(features, target, 0.7) == pytest.approx(weighted)
+        uncached = cost.uncached_tokens(features, target)
+        stalled = weighted + 0.5 * cost.running_requests(target) * uncached / speed
+        assert cost.score_s(features, target, 0.7, 0.5) == pytest.approx(stalled)
+
+
+def _chat_cluster(cached_on_a: int) -> tuple[TargetView, ...]:
+    # The multi-round replay's shape: a and b each decode four conversations and hold the shared
+    # 2,048-token system prompt (a may also hold this user's history); c is idle and cold.
+    busy = {"inflight_requests": 4, "reported_running": 4}
+    return (
+        view("a", predicted_cached_tokens=cached_on_a, **busy),
+        view("b", predicted_cached_tokens=2048, **busy),
+        view("c"),
+    )
+
+
+def test_prefix_aware_keeps_a_follow_up_turn_on_its_history_despite_decoders() -> None:
+    # Turn 2 of a's conversation: 260 new tokens on 3,200 cached ones. Its short prefill stalls a's
+    # decoders only briefly, so it stays with its history rather than re-prefilling 3,460 on c.
+    features = RequestFeatures(model="m", prompt_tokens=3460)
+    decision = get_policy("prefix_aware").decide(features, Snapshot(_chat_cluster(3200)), random.Random(0))
+    assert decision.target.worker == "a"
+    assert decision.predicted_cached_tokens == 3200
+
+
+def test_prefix_aware_sends_a_new_conversation_where_few_decode() -> None:
+    # A new conversation hits only the 2,048-token system prompt: its 1,152-token prefill would stall
+    # four decoders on a or b, while on idle c its 3,200 tokens stall nobody. Without the stall term
+    # the system-prompt hit wins, new sessions crowd a and b, and the load bound later pushes their
+    # follow-up turns away from their own history (81.5 % vs 87.5 % oracle in the replay).
+    features = RequestFeatures(model="m", prompt_tokens=3200)
+    snapshot = Snapshot(_chat_cluster(2048))
+    rng = random.Random(0)
+    assert get_policy("prefix_aware").decide(features, snapshot, rng).target.worker == "c"
+    myopic = PrefixAware(scorer=TtftScorer(stall_weight=0.0))
+    assert myopic.decide(features, snapshot, rng).target.worker in {"a", "b"}
