@@ -2,7 +2,8 @@
 
 The cluster is ``python -m backends.sim cluster`` in a child process (several SGLang look-alike
 servers with DP attention ranks, running faster than real time); the gateway runs in this process
-with embedded state. Ctrl-C stops both.
+with embedded state. Ctrl-C, SIGTERM or SIGHUP (the terminal closing) stops both; if this process
+is killed outright, the cluster notices its parent is gone and stops itself.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ async def _start_cluster(
         "--time-scale",
         str(time_scale),
         "--enable-cache-report",
+        # Should this process die without stopping it (SIGKILL, OOM), the cluster stops itself.
+        "--exit-with-parent",
         stdout=asyncio.subprocess.PIPE,
         # Its own session: the terminal's Ctrl-C reaches the gateway, which then stops the cluster.
         start_new_session=True,
@@ -215,6 +218,11 @@ def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _as_sigterm(_signum: int, _frame: object) -> None:
+    # Whoever handles SIGTERM right now (uvicorn while serving, ``_interrupt`` before) does the rest.
+    signal.raise_signal(signal.SIGTERM)
+
+
 def run_demo(
     *,
     host: str = "127.0.0.1",
@@ -230,6 +238,9 @@ def run_demo(
     # uvicorn re-raises the stop signal once it has shut down; SIGTERM's default action would kill
     # this process on the spot and leave the cluster running, so make it unwind like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
+    # Closing the terminal sends SIGHUP, whose default would kill this process and leave the
+    # cluster behind: stop exactly as on SIGTERM (gracefully, through uvicorn once it serves).
+    signal.signal(signal.SIGHUP, _as_sigterm)
     try:
         asyncio.run(
             _demo(

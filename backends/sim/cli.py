@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -135,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--prefill-dp-size", type=int, default=None, help="default: --dp-size")
     cluster.add_argument("--decode-dp-size", type=int, default=None, help="default: --dp-size")
     cluster.add_argument("--base-port", type=int, default=0, help="first port (0: any free ports)")
+    cluster.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop when the process that started this one dies (even by SIGKILL): no orphaned cluster",
+    )
     _common(cluster)
     return parser
 
@@ -164,9 +170,32 @@ async def _run(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    async with SimCluster(spec) as cluster:
-        print(cluster.ready_line(), flush=True)
-        await stop.wait()
+    watcher = (
+        loop.create_task(_stop_when_orphaned(os.getppid(), stop))
+        if getattr(args, "exit_with_parent", False)
+        else None
+    )
+    try:
+        async with SimCluster(spec) as cluster:
+            print(cluster.ready_line(), flush=True)
+            await stop.wait()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+
+
+_PARENT_CHECK_INTERVAL_S = 1.0
+
+
+async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
+    # A parent killed outright (SIGKILL, OOM) sends no signal on its way out; once it is gone this
+    # process is re-parented (to init or a subreaper), which getppid() shows. Polling works on every
+    # POSIX system, unlike Linux's PR_SET_PDEATHSIG.
+    while True:
+        if os.getppid() != parent:
+            stop.set()
+            return
+        await asyncio.sleep(_PARENT_CHECK_INTERVAL_S)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

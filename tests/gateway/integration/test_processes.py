@@ -138,7 +138,11 @@ def test_demo_starts_serves_and_stops_cleanly(spawn: Callable[..., ChildProcess]
     demo.process.send_signal(signal.SIGTERM)
     assert demo.process.wait(timeout=30) == 0
     # The simulated cluster went with it.
-    deadline = time.monotonic() + 10
+    assert_stopped(servers, within_s=10)
+
+
+def assert_stopped(servers: list[str], within_s: float) -> None:
+    deadline = time.monotonic() + within_s
     for server in servers:
         while True:
             try:
@@ -147,6 +151,31 @@ def test_demo_starts_serves_and_stops_cleanly(spawn: Callable[..., ChildProcess]
                 break
             assert time.monotonic() < deadline, f"{server} still answers after the demo stopped"
             time.sleep(0.1)
+
+
+def start_demo(spawn: Callable[..., ChildProcess]) -> tuple[ChildProcess, list[str]]:
+    demo = spawn([sys.executable, "-m", "gateway", "demo", "--port", "0", "--time-scale", "0.01"])
+    demo.wait_for_line(r"Cachet gateway ready at (http://\S+)", timeout=90)
+    servers = re.findall(r"(http://127\.0\.0\.1:\d+) \(dp 4\)", demo.wait_for_line(r"cluster: ").string)
+    assert len(servers) == 2
+    for server in servers:
+        assert httpx.get(server + "/health", timeout=5).status_code == 200
+    return demo, servers
+
+
+def test_closing_the_demos_terminal_stops_the_cluster(spawn: Callable[..., ChildProcess]) -> None:
+    demo, servers = start_demo(spawn)
+    demo.process.send_signal(signal.SIGHUP)
+    assert demo.process.wait(timeout=30) == 0
+    assert_stopped(servers, within_s=10)
+
+
+def test_a_killed_demo_leaves_no_cluster_behind(spawn: Callable[..., ChildProcess]) -> None:
+    demo, servers = start_demo(spawn)
+    # Only the demo itself, not its process group: nothing is left to stop the cluster.
+    demo.process.kill()
+    demo.process.wait(timeout=10)
+    assert_stopped(servers, within_s=5)
 
 
 def test_pd_demo_pairs_a_prefill_and_a_decode_server(spawn: Callable[..., ChildProcess]) -> None:
