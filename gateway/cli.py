@@ -2,7 +2,7 @@
 
     gateway serve [--config FILE] [--host H] [--port P] [--worker URL]... [--policy NAME]
                   [--redis-url URL] [--workers N] ...
-    gateway demo  [--port P]          # a simulated DeepSeek cluster behind the gateway, ready to call
+    gateway demo  [--port P] [--pd]   # a simulated DeepSeek cluster behind the gateway, ready to call
 
 Settings come from flags > CACHET_* environment variables > the TOML config file > defaults (see
 gateway.config).
@@ -84,7 +84,8 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         dest="models",
         action="append",
         metavar="NAME",
-        help="a model /readiness waits for (repeatable; default: every model the servers serve)",
+        help="a model this gateway serves: /readiness waits for it, and until one of its servers is "
+        "healthy requests for it get 503 + Retry-After (repeatable; default: every model the servers serve)",
     )
     routing = parser.add_argument_group("routing")
     routing.add_argument("--policy", help=f"routing policy: {', '.join(policy_names())}")
@@ -154,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-scale",
         type=float,
         default=0.05,
-        help="simulated seconds per real second factor (default 0.05)",
+        help="real seconds per simulated second: each modelled GPU step sleeps its duration times "
+        "this (default 0.05: 20x faster than the hardware; 1 = real time)",
     )
     demo.add_argument("--policy", default=None, help=f"routing policy: {', '.join(policy_names())}")
     demo.add_argument(

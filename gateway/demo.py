@@ -121,6 +121,19 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _speed(time_scale: float) -> str:
+    if time_scale == 0:
+        return "no waiting at all"
+    if time_scale == 1:
+        return "real time"
+    factor = 1 / time_scale
+    return (
+        f"{factor:.3g}x faster than the hardware"
+        if factor > 1
+        else f"{time_scale:.3g}x slower than the hardware"
+    )
+
+
 def _banner(url: str, ready: _SimReady, preset: str, time_scale: float, policy: str) -> str:
     model = ready.servers[0].model
     servers = ", ".join(
@@ -129,7 +142,8 @@ def _banner(url: str, ready: _SimReady, preset: str, time_scale: float, policy: 
     return f"""
 Cachet gateway ready at {url}
   in front of a simulated {model} cluster: {servers}
-  preset {preset}, time scale {time_scale} (real seconds per simulated second), policy {policy}
+  preset {preset}, time scale {time_scale} (real seconds per simulated second: {_speed(time_scale)}), \
+policy {policy}
 
 curl (non-streaming; the x-cachet-* headers are the routing receipt):
   curl -si {url}/v1/chat/completions -H 'content-type: application/json' \\

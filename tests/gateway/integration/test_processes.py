@@ -123,6 +123,9 @@ def test_demo_starts_serves_and_stops_cleanly(spawn: Callable[..., ChildProcess]
     url = demo.wait_for_line(r"Cachet gateway ready at (http://\S+)", timeout=90).group(1)
     servers = re.findall(r"(http://127\.0\.0\.1:\d+) \(dp 4\)", demo.wait_for_line(r"cluster: ").string)
     assert len(servers) == 2
+    demo.wait_for_line(
+        r"time scale 0\.05 \(real seconds per simulated second: 20x faster than the hardware\)"
+    )
     demo.wait_for_line(r"curl -si ")
     demo.wait_for_line(r"from openai import OpenAI")
     with openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30) as client:
