@@ -177,7 +177,10 @@ async def _demo(
 ) -> None:
     import uvicorn  # noqa: PLC0415
 
-    from gateway.app import Gateway, create_app  # noqa: PLC0415
+    from gateway.app import Gateway, configure_logging, create_app  # noqa: PLC0415
+
+    # Warnings (a server going down, Redis...) in the serving format, not as bare messages.
+    configure_logging("warning")
 
     sock = _listen(host, port)
     process, ready = await _start_cluster(servers, dp_size, preset, time_scale, pd)
