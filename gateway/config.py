@@ -175,6 +175,8 @@ _FIELDS: frozenset[str] = frozenset(GatewayConfig.__struct_fields__)
 _LIST_FIELDS = frozenset({"models"})
 # Variables the process reads that are not settings (and must not be rejected as unknown).
 _NOT_SETTINGS = frozenset({"CONFIG", "WORKER_URLS", "RESOLVED_CONFIG", "METRICS_DIR"})
+# Optional settings an empty variable (CACHET_TRANSPORT=) leaves at their default.
+_EMPTY_MEANS_UNSET = frozenset({"redis_url", "otlp_endpoint", "transport"})
 
 
 def _from_file(path: Path) -> dict[str, Any]:
@@ -210,7 +212,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if field in _LIST_FIELDS:
             out[field] = [item.strip() for item in value.split(",") if item.strip()]
         else:
-            out[field] = value if value != "" or field not in ("redis_url", "otlp_endpoint") else None
+            out[field] = value if value != "" or field not in _EMPTY_MEANS_UNSET else None
     urls = env.get(ENV_PREFIX + "WORKER_URLS")
     if urls is not None:
         out["workers"] = [{"url": url.strip()} for url in urls.split(",") if url.strip()]

@@ -164,3 +164,8 @@ def test_the_transport_resolves_to_one_that_speaks_every_workers_scheme() -> Non
     assert chosen.upstream_transport == "httpx"
     # /admin/config shows what is in use, not "null".
     assert plain.public()["transport"] == "httptools" and tls.public()["transport"] == "aiohttp"
+
+
+def test_an_empty_transport_variable_means_the_default() -> None:
+    assert load_config(env={"CACHET_TRANSPORT": ""}).transport is None
+    assert load_config(env={"CACHET_TRANSPORT": "aiohttp"}).transport == "aiohttp"
