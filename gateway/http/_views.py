@@ -113,6 +113,11 @@ def _decode(endpoint: Endpoint, body: bytes) -> msgspec.Struct:
             continue
         except msgspec.DecodeError as exc:
             raise bad_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+        except UnicodeDecodeError as exc:
+            # msgspec validates UTF-8 only when it builds a str, and raises Python's own error then.
+            raise bad_request(
+                f"Request body is not valid JSON: invalid UTF-8 at byte {exc.start}", code="invalid_json"
+            ) from None
         return view
     assert first_error is not None
     message = str(first_error)

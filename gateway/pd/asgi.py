@@ -144,6 +144,7 @@ class PDProxy:
         try:
             body = await read_body(scope, receive, self._max_body_bytes)
             request = decode_view(endpoint, body, self._default_model)
+            pd_model = self._pd.serves(request.model)
         except GatewayError as bad:
             await send_error(send, bad)
             metrics.request_done(endpoint.name, "", bad.status)
@@ -151,7 +152,13 @@ class PDProxy:
         except ClientGone:
             metrics.request_done(endpoint.name, "", 0)
             return
-        if not self._pd.serves(request.model):
+        except Exception as exc:  # a bug before forwarding still gets an OpenAI-shaped answer
+            logger.exception("unexpected error while reading a request to %s", scope["path"])
+            failure = internal_error(exc)
+            await send_error(send, failure)
+            metrics.request_done(endpoint.name, "", failure.status)
+            return
+        if not pd_model:
             await self._proxy.handle(scope, _replay(body, receive), send)
             return
         arrived = self._clock()

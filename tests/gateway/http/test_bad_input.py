@@ -60,6 +60,18 @@ CASES = [
     ),
     ("/generate", b'{"text": "x"', "invalid_json", None),
     ("/generate", b"\xff\xfe", "invalid_json", None),
+    # Invalid UTF-8 inside a string is Python's UnicodeDecodeError in msgspec, not a DecodeError.
+    (
+        "/v1/chat/completions",
+        b'{"messages":[{"role":"user","content":"\xff"}],"max_tokens":2}',
+        "invalid_json",
+        None,
+    ),
+    ("/v1/chat/completions", b'{"model":"\xff","messages":[]}', "invalid_json", None),
+    ("/v1/completions", b'{"prompt":"\xc3"}', "invalid_json", None),
+    ("/v1/completions", b'{"prompt":["a", "\xff"]}', "invalid_json", None),
+    ("/generate", b'{"text":"\xff"}', "invalid_json", None),
+    ("/generate", b'{"text":"x","model":"\xfe"}', "invalid_json", None),
 ]
 
 
