@@ -572,7 +572,12 @@ class Router(Generic[W]):
         new_scale = scale
         tokens_per_block = self._tokens_per_block(blocks, worker.url, model)
         predicted_blocks = route._predicted_blocks
-        if outcome.cached_tokens is not None:
+        # A request that produced no token at all may have been refused before the server looked at
+        # its cache (prompt over the context length, aborted while queued): its "0 cached" is no
+        # evidence of eviction — in the Mooncake replay eight such 191k-token prompts each wiped a
+        # target's whole index — and the server holds none of its blocks.
+        refused = outcome.completion_tokens == 0 and outcome.ttft_s is None
+        if outcome.cached_tokens is not None and not refused:
             cached_blocks = int(outcome.cached_tokens / tokens_per_block)
             # Slack for the bytes-per-token estimate and page alignment: 2 blocks and 10 %.
             short = cached_blocks + 2 + predicted_blocks // 10 <= predicted_blocks
@@ -588,7 +593,7 @@ class Router(Generic[W]):
                 new_scale = min(scale * _RECOVER, 1.0)
             if not outcome.ok:
                 forget = blocks.hashes[max(cached_blocks, predicted_blocks) :]
-        elif not outcome.ok:
+        elif not outcome.ok or refused:
             forget = blocks.hashes[predicted_blocks:]
         await self.store.release(lease, forget=forget, forget_through_stamp=forget_through)
         if new_scale != scale:

@@ -315,3 +315,28 @@ async def test_status_reports_store_and_learning() -> None:
     await router.finish(route, Outcome(ok=True, prompt_tokens=1024, cached_tokens=0))
     assert router.status()["bytes_per_token"]["model:m"] == 2.0
     assert router.status()["open_routes"] == 0
+
+
+async def test_a_refused_request_is_no_evidence_of_eviction() -> None:
+    # The Mooncake replay: a prompt over the context length comes back with no token and 0 cached.
+    store = MemoryStore()
+    router = Router(FakeRegistry([FakeWorker("http://a")]), store, get_policy("prefix_aware"), seed=1)
+    for tag in "stu":
+        await router.finish(
+            await router.route(prompt(tag)), Outcome(ok=True, prompt_tokens=512, cached_tokens=0)
+        )
+    huge = RoutingRequest(model="m", endpoint="generate", text="s" * 2048 + "v" * 64_000)
+    refused = await router.route(huge)
+    assert refused.decision.predicted_cached_tokens >= 500  # shares s's blocks
+    await router.finish(
+        refused, Outcome(ok=True, prompt_tokens=16_512, cached_tokens=0, completion_tokens=0, ttft_s=None)
+    )
+    target = TargetKey("http://a")
+    index = store.model("m").index
+    # Nothing older was evicted, the capacity estimate did not shrink, and the blocks the server
+    # never cached are forgotten (only s's 8 shared ones remain of the huge prompt).
+    assert all(index.holds(target, h) for tag in "stu" for h in router_blocks(tag))
+    assert index.budget(target) == 100_000 // 64
+    assert index.blocks_on(target) == 24
+    # A session's next turn after it is still predicted where its history is.
+    assert (await router.route(prompt("t"))).decision.predicted_cached_tokens >= 500
