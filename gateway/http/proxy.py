@@ -76,6 +76,7 @@ _DROPPED_REQUEST_HEADERS = frozenset(
 # Upstream response headers our server writes itself.
 _DROPPED_RESPONSE_HEADERS = frozenset({"content-length", "date", "server"})
 _TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+_DP_RANK_RECEIPT = "x-cachet-dp-rank"
 _EVENT_STREAM = "text/event-stream"
 # Raw chunks kept to find the last event of a stream (one cumulative /generate event can span
 # several reads).
@@ -337,11 +338,14 @@ class Proxy:
                 else:
                     stats.retries += 1
                 decision = route.decision
-                metrics.decision(decision.policy, route.worker.url, decision.target.dp_rank)
+                unpinned = batch and route.worker.dp_size > 1
+                metrics.decision(
+                    decision.policy, route.worker.url, None if unpinned else decision.target.dp_rank
+                )
                 if span is not None:
                     span.set(
                         worker=route.worker.url,
-                        dp_rank=route.dp_rank,
+                        dp_rank=None if batch else route.dp_rank,
                         policy=route.decision.policy,
                         reason=route.decision.reason,
                         predicted_cached_tokens=route.decision.predicted_cached_tokens,
@@ -397,6 +401,11 @@ class Proxy:
     ) -> None:
         """One attempt on ``route``. Raises _UpstreamFailed if the client has seen nothing yet."""
         worker = route.worker
+        receipt = route.receipt_headers
+        if batch and worker.dp_size > 1:
+            # The server spreads a batch over its ranks itself (routed_dp_rank is one int for the
+            # whole request), so the receipt claims no rank rather than the one routing chose.
+            receipt = [(name, value) for name, value in receipt if name != _DP_RANK_RECEIPT]
         outcome = Outcome(ok=False)
         began = self._clock()
         response: UpstreamResponse | None = None
@@ -427,7 +436,7 @@ class Proxy:
                 outcome = await self._forward_whole(
                     response=response,
                     worker_url=worker.url,
-                    receipt=route.receipt_headers,
+                    receipt=receipt,
                     send=send,
                     exchange=exchange,
                     began=began,
@@ -437,7 +446,7 @@ class Proxy:
                 outcome = await self._forward_stream(
                     response=response,
                     worker_url=worker.url,
-                    receipt=route.receipt_headers,
+                    receipt=receipt,
                     send=send,
                     exchange=exchange,
                     began=began,

@@ -93,8 +93,22 @@ async def test_generate_batch_is_not_pinned() -> None:
     harness = Harness([worker(A, dp_size=2)], always(FakeResponse(200, [b"[{}, {}]"])))
     async with harness.client() as client:
         reply = await client.post("/generate", content=body)
+        metrics = (await client.get("/metrics")).text
     assert reply.status_code == 200
     assert harness.transport.requests[0].body == body
+    # The server picks the ranks of a batch: the receipt names the server but claims no rank.
+    assert reply.headers["x-cachet-worker"] == A
+    assert "x-cachet-dp-rank" not in reply.headers
+    assert 'cachet_routing_decisions_total{policy="round_robin",worker="' + A + '",dp_rank=""}' in metrics
+
+
+async def test_generate_id_batch_claims_no_rank() -> None:
+    body = b'{"input_ids": [[1, 2], [3, 4]]}'
+    harness = Harness([worker(A, dp_size=4)], always(FakeResponse(200, [b"[{}, {}]"])))
+    async with harness.client() as client:
+        reply = await client.post("/generate", content=body)
+    assert reply.status_code == 200 and harness.transport.requests[0].body == body
+    assert "x-cachet-dp-rank" not in reply.headers
 
 
 async def test_stream_passes_bytes_and_reads_usage_from_last_event_only() -> None:
