@@ -18,6 +18,7 @@ __all__ = [
     "method_not_allowed",
     "model_not_found",
     "no_healthy_worker",
+    "no_model_yet",
     "not_found",
     "sse_error_event",
     "upstream_failed",
@@ -116,6 +117,17 @@ def no_healthy_worker(model: str, retry_after_s: int) -> GatewayError:
     return GatewayError(
         503,
         f"No healthy worker is serving model '{model}' right now; retry later",
+        "server_error",
+        code="no_healthy_worker",
+        headers=(("retry-after", str(retry_after_s)),),
+    )
+
+
+def no_model_yet(retry_after_s: int) -> GatewayError:
+    """No server has been discovered yet, so a request without ``model`` has none to default to."""
+    return GatewayError(
+        503,
+        "No healthy server has been discovered yet, so no model is served; retry later",
         "server_error",
         code="no_healthy_worker",
         headers=(("retry-after", str(retry_after_s)),),

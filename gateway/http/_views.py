@@ -136,7 +136,8 @@ def decode_view(endpoint: Endpoint, body: bytes, default_model: Callable[[], str
     """The routing view of ``body`` for ``endpoint``; raises GatewayError (400) on bad input.
 
     ``default_model()`` names the model for a request without one (the only model served), or is
-    None when the gateway serves several and the request must say which; it is called only then.
+    None when the gateway serves several and the request must say which; it is called only then,
+    and may raise a GatewayError itself (a 503 while no model is served at all).
     """
     view = _decode(endpoint, body)
     model: str | None = getattr(view, "model", None)

@@ -34,6 +34,7 @@ from gateway.errors import (
     method_not_allowed,
     model_not_found,
     no_healthy_worker,
+    no_model_yet,
     sse_error_event,
     upstream_failed,
 )
@@ -193,6 +194,8 @@ class Proxy:
 
     def _default_model(self) -> str | None:
         models = self._models()
+        if not models:
+            raise no_model_yet(self._settings.retry_after_s)
         return models[0] if len(models) == 1 else None
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -18,7 +18,13 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from gateway.errors import GatewayError, internal_error, method_not_allowed, sse_error_event
+from gateway.errors import (
+    GatewayError,
+    internal_error,
+    method_not_allowed,
+    no_model_yet,
+    sse_error_event,
+)
 from gateway.http._asgi import ClientGone, Message, Receive, Scope, Send, read_body, send_error
 from gateway.http._views import decode_view
 from gateway.http.proxy import PROXIED_PATHS
@@ -129,6 +135,8 @@ class PDProxy:
 
     def _default_model(self) -> str | None:
         models = self._models()
+        if not models:
+            raise no_model_yet(self._pd.settings.retry_after_s)
         return models[0] if len(models) == 1 else None
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:

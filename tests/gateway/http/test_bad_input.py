@@ -174,6 +174,21 @@ async def test_no_healthy_worker_is_503_with_retry_after() -> None:
     assert reply.headers["retry-after"] == "7"
 
 
+async def test_no_model_discovered_yet_is_503_even_without_model() -> None:
+    gateway = Harness([], lambda _r: OK, retry_after_s=5)
+    async with gateway.client() as client:
+        for path, body in [
+            ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}]}'),
+            ("/v1/completions", b'{"prompt": "hi"}'),
+            ("/generate", b'{"text": "hi"}'),
+        ]:
+            reply = await client.post(path, content=body)
+            error = assert_openai_error(reply, 503, "no_healthy_worker")
+            assert "yet" in error["message"] and error["type"] == "server_error"
+            assert reply.headers["retry-after"] == "5"
+    assert gateway.transport.requests == []
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [

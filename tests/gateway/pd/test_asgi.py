@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from gateway.metrics import Metrics
+from gateway.pd import PDSettings
 from gateway.pd.asgi import PDProxy
 
 
@@ -20,6 +21,7 @@ class _PD:
 
     def __init__(self, *, broken: bool = False) -> None:
         self.broken = broken
+        self.settings = PDSettings(retry_after_s=3)
 
     def has_pools(self) -> bool:
         return True
@@ -30,9 +32,11 @@ class _PD:
         return True
 
 
-async def _call(pd: _PD, body: bytes, path: str = "/v1/chat/completions") -> tuple[list[Any], Metrics]:
+async def _call(
+    pd: _PD, body: bytes, path: str = "/v1/chat/completions", models: tuple[str, ...] = ("m",)
+) -> tuple[list[Any], Metrics]:
     metrics = Metrics()
-    proxy = PDProxy(_Unused(), pd, models=lambda: ["m"], metrics=metrics)  # type: ignore[arg-type]
+    proxy = PDProxy(_Unused(), pd, models=lambda: list(models), metrics=metrics)  # type: ignore[arg-type]
     scope = {"type": "http", "method": "POST", "path": path, "headers": []}
     sent: list[Any] = []
 
@@ -74,4 +78,12 @@ async def test_unexpected_error_before_forwarding_is_openai_shaped_500_and_count
     sent, metrics = await _call(_PD(broken=True), b'{"messages": []}')
     status, error = _error(sent)
     assert (status, error["code"], error["type"]) == (500, "internal_error", "server_error")
+    assert 'code="5xx"' in _requests_total(metrics)
+
+
+async def test_no_model_known_yet_is_503_with_retry_after() -> None:
+    sent, metrics = await _call(_PD(), b'{"messages": []}', models=())
+    status, error = _error(sent)
+    assert (status, error["code"]) == (503, "no_healthy_worker")
+    assert (b"retry-after", b"3") in sent[0]["headers"]
     assert 'code="5xx"' in _requests_total(metrics)
