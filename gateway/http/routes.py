@@ -232,7 +232,12 @@ def build_litestar(
     def decisions(limit: FromQuery[int] = 50) -> Response[bytes]:
         if not 0 <= limit <= 10_000:
             raise bad_request("limit must be in 0..10000", param="limit")
-        return _json({"decisions": router.recent_decisions(limit)})
+        answer: dict[str, Any] = {"decisions": router.recent_decisions(limit)}
+        pd = gateway.pd
+        if pd is not None and pd.has_pools():
+            # PD requests are routed by the forwarder's own prefill and decode routers.
+            answer["pd"] = pd.recent_decisions(limit)
+        return _json(answer)
 
     @get("/admin/config", guards=[admin_guard], sync_to_thread=False)
     def show_config() -> Response[bytes]:
@@ -247,7 +252,11 @@ def build_litestar(
     def show_state() -> Response[bytes]:
         store = getattr(router, "store", None)
         status = store.status() if store is not None else {}
-        return _json({"store": dict(status)})
+        answer: dict[str, Any] = {"store": dict(status)}
+        pd = gateway.pd
+        if pd is not None and pd.has_pools():
+            answer["pd"] = pd.store_status()
+        return _json(answer)
 
     return Litestar(
         route_handlers=[

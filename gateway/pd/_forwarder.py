@@ -304,6 +304,14 @@ class PDForwarder:
             "decode": self._decode.recent_decisions(limit),
         }
 
+    def store_status(self) -> dict[str, dict[str, object]]:
+        """The prefill and decode routers' state-store status (for /admin/state)."""
+        status: dict[str, dict[str, object]] = {}
+        for role, router in (("prefill", self._prefill), ("decode", self._decode)):
+            store = getattr(router, "store", None)
+            status[role] = dict(store.status()) if store is not None else {}
+        return status
+
     def has_pools(self) -> bool:
         """Whether any prefill or decode server is configured at all (else PD has nothing to do)."""
         registry = self._registry

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import msgspec
+
+from gateway.pd import PDForwarder
 from gateway.registry import Worker
+from policies.types import Role
 from tests.gateway.http._fakes import MODEL, FakeResponse, Harness, worker
 
 A = "http://10.0.0.1:30000"
@@ -125,3 +129,50 @@ async def test_admin_state_shows_store_status() -> None:
     async with Harness([worker(A)], ok).client() as client:
         reply = await client.get("/admin/state")
     assert reply.status_code == 200 and "store" in reply.json()
+
+
+class _PDRouter:
+    """A PD leg's router as the admin API sees it: recent decisions and a state store."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.store = self
+
+    def recent_decisions(self, limit: int) -> list[dict[str, object]]:
+        return [{"worker": f"{self.role}-{i}", "policy": "pd"} for i in range(limit)]
+
+    def status(self) -> dict[str, object]:
+        return {"store": "memory", "leases": 1 if self.role == "prefill" else 2}
+
+
+def _with_pd(harness: Harness) -> None:
+    harness.registry.items[B] = msgspec.structs.replace(worker(B), role=Role.PREFILL)
+    harness.gateway.pd = PDForwarder(
+        harness.registry,  # type: ignore[arg-type]
+        harness.transport,
+        prefill_router=_PDRouter("prefill"),  # type: ignore[arg-type]
+        decode_router=_PDRouter("decode"),  # type: ignore[arg-type]
+    )
+
+
+async def test_admin_decisions_and_state_include_pd_routing() -> None:
+    harness = Harness([worker(A)], ok)
+    _with_pd(harness)
+    async with harness.client() as client:
+        decisions = (await client.get("/admin/decisions", params={"limit": 2})).json()
+        state = (await client.get("/admin/state")).json()
+    assert decisions["decisions"] == []
+    assert [d["worker"] for d in decisions["pd"]["prefill"]] == ["prefill-0", "prefill-1"]
+    assert [d["worker"] for d in decisions["pd"]["decode"]] == ["decode-0", "decode-1"]
+    assert "store" in state
+    assert state["pd"] == {
+        "prefill": {"store": "memory", "leases": 1},
+        "decode": {"store": "memory", "leases": 2},
+    }
+
+
+async def test_admin_decisions_has_no_pd_section_without_pd_pools() -> None:
+    async with Harness([worker(A)], ok).client() as client:
+        decisions = (await client.get("/admin/decisions")).json()
+        state = (await client.get("/admin/state")).json()
+    assert "pd" not in decisions and "pd" not in state
