@@ -29,7 +29,7 @@ class _ErrorDetail(msgspec.Struct):
     message: str
     type: str
     param: str | None
-    code: str | int | None
+    code: str | None
 
 
 class _ErrorBody(msgspec.Struct):
@@ -39,12 +39,12 @@ class _ErrorBody(msgspec.Struct):
 _ENCODER = msgspec.json.Encoder()
 
 
-def error_body(message: str, type_: str, *, param: str | None = None, code: str | int | None = None) -> bytes:
+def error_body(message: str, type_: str, *, param: str | None = None, code: str | None = None) -> bytes:
     """The JSON bytes of an OpenAI-shaped error."""
     return _ENCODER.encode(_ErrorBody(_ErrorDetail(message=message, type=type_, param=param, code=code)))
 
 
-def sse_error_event(message: str, type_: str = "server_error", code: str | int | None = None) -> bytes:
+def sse_error_event(message: str, type_: str = "server_error", code: str | None = None) -> bytes:
     """What ends a stream that failed after its first byte: an error event, then [DONE]."""
     return b"data: " + error_body(message, type_, code=code) + b"\n\ndata: [DONE]\n\n"
 
@@ -59,7 +59,7 @@ class GatewayError(Exception):
         type_: str,
         *,
         param: str | None = None,
-        code: str | int | None = None,
+        code: str | None = None,
         headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         super().__init__(message)

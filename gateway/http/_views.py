@@ -121,7 +121,7 @@ def _decode(endpoint: Endpoint, body: bytes) -> msgspec.Struct:
         return view
     assert first_error is not None
     message = str(first_error)
-    if message.startswith("Expected `object`"):
+    if message.startswith("Expected `object`") and " - at `$" not in message:
         raise bad_request("Request body must be a JSON object", code="invalid_json")
     raise bad_request(f"Invalid request: {message}", param=_param_of(first_error))
 

@@ -8,6 +8,7 @@ and anything unexpected, is answered in OpenAI's error shape.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -76,6 +77,10 @@ class _ModelList(msgspec.Struct):
 
 
 _ADD_WORKER = msgspec.json.Decoder(_AddWorker)
+# OpenAI's ``code`` is a string (or null), never the HTTP status.
+_HTTP_ERROR_CODES = {400: "invalid_request", 401: "unauthorized", 413: "request_too_large"}
+_MISSING_PARAMETER = re.compile(r"Missing required \w+ parameter '([^']+)'")
+_FIELD_IN_ERROR = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
 def _model_cards(workers: Sequence[Worker], created: int) -> dict[str, _ModelCard]:
@@ -111,8 +116,18 @@ def _exception_handlers() -> dict[
 
     def on_http(_request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        message = str(exc.detail)
+        param: str | None = None
+        # A bad query parameter: litestar names it only in ``extra``; a missing one in the detail.
+        extra = exc.extra[0] if isinstance(exc.extra, list) and exc.extra else None
+        if isinstance(extra, dict) and isinstance(extra.get("key"), str):
+            param = extra["key"]
+            message = f"Invalid query parameter {param!r}: {extra.get('message', message)}"
+        else:
+            missing = _MISSING_PARAMETER.search(message)
+            param = missing.group(1) if missing else None
         return Response(
-            content=error_body(str(exc.detail), kind, code=exc.status_code),
+            content=error_body(message, kind, param=param, code=_HTTP_ERROR_CODES.get(exc.status_code)),
             status_code=exc.status_code,
             media_type=_JSON,
             headers=exc.headers or {},
@@ -195,10 +210,15 @@ def build_litestar(
         body = await request.body()
         try:
             entry = _ADD_WORKER.decode(body)
+        except msgspec.ValidationError as exc:  # a subclass of DecodeError: caught first
+            field = _FIELD_IN_ERROR.search(str(exc))
+            raise bad_request(f"Invalid worker: {exc}", param=field.group(1) if field else None) from None
         except msgspec.DecodeError as exc:
             raise bad_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
-        except msgspec.ValidationError as exc:
-            raise bad_request(f"Invalid worker: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise bad_request(
+                f"Request body is not valid JSON: invalid UTF-8 at byte {exc.start}", code="invalid_json"
+            ) from None
         if not entry.url.startswith(("http://", "https://")):
             raise bad_request("url must start with http:// or https://", param="url")
         known = {w.url.rstrip("/") for w in registry.workers(healthy_only=False)}

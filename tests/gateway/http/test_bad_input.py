@@ -58,6 +58,9 @@ CASES = [
         "invalid_request",
         "sampling_params",
     ),
+    ("/v1/chat/completions", b'{"messages": [1]}', "invalid_request", "messages"),
+    ("/v1/completions", b'{"prompt": "x", "model": {}}', "invalid_request", "model"),
+    ("/generate", b'{"text": "x", "sampling_params": [1]}', "invalid_request", "sampling_params"),
     ("/generate", b'{"text": "x"', "invalid_json", None),
     ("/generate", b"\xff\xfe", "invalid_json", None),
     # Invalid UTF-8 inside a string is Python's UnicodeDecodeError in msgspec, not a DecodeError.

@@ -176,3 +176,24 @@ async def test_admin_decisions_has_no_pd_section_without_pd_pools() -> None:
         decisions = (await client.get("/admin/decisions")).json()
         state = (await client.get("/admin/state")).json()
     assert "pd" not in decisions and "pd" not in state
+
+
+async def test_admin_errors_are_openai_shaped_with_string_codes_and_the_param() -> None:
+    harness = Harness([worker(A)], ok)
+    async with harness.client() as client:
+        bad_limit = await client.get("/admin/decisions", params={"limit": "x"})
+        no_url = await client.delete("/admin/workers")
+        url_type = await client.post("/admin/workers", json={"url": 5})
+        bad_role = await client.post("/admin/workers", json={"url": "http://10.0.0.9:1", "role": "boss"})
+        not_json = await client.post("/admin/workers", content=b"{bad")
+    for reply, param, code in [
+        (bad_limit, "limit", "invalid_request"),
+        (no_url, "url", "invalid_request"),
+        (url_type, "url", "invalid_request"),
+        (bad_role, "role", "invalid_request"),
+        (not_json, None, "invalid_json"),
+    ]:
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+    assert "not valid JSON" not in url_type.json()["error"]["message"]
