@@ -69,12 +69,14 @@ E2E_BUCKETS_S: tuple[float, ...] = (
 #   error_reply PD prefill answered 200 with an error or an aborted request in its body
 FAILURE_KINDS = ("connect", "timeout", "status_5xx", "disconnect", "mid_stream", "error_reply")
 
-# Status class of the answer to the client; "client_closed" when the client left before any answer.
+# Status class of the answer to the client; "client_closed" when the client disconnected before its
+# answer was complete: before any byte, or mid-way through a stream or body (a partial answer is
+# not a 2xx). A disconnect after the last byte was sent is counted by the status it got.
 _STATUS_CLASSES = ("client_closed", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 def status_class(status: int) -> str:
-    """The class label of an HTTP status; 0 means the client left before any answer."""
+    """The class label of an HTTP status; 0 means the client left before its answer was complete."""
     index = status // 100
     return _STATUS_CLASSES[index] if 0 < index < len(_STATUS_CLASSES) else _STATUS_CLASSES[0]
 
@@ -277,7 +279,11 @@ class Metrics:
             rendered = ",".join(f'{key}="{_escape(_label(val))}"' for key, val in labels)
             out.append(f"{name}{{{rendered}}} {_number(value)}" if rendered else f"{name} {_number(value)}")
 
-        family("cachet_requests_total", "counter", "Requests answered, by endpoint, model and status class.")
+        family(
+            "cachet_requests_total",
+            "counter",
+            "Requests, by endpoint, model and status class (client_closed: the client left first).",
+        )
         for (endpoint, model, klass), value in sorted(self.requests.items()):
             sample(
                 "cachet_requests_total", (("endpoint", endpoint), ("model", model), ("code", klass)), value

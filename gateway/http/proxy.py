@@ -210,7 +210,10 @@ class Proxy:
             )
         finally:
             metrics.in_flight -= 1
-            metrics.request_done(endpoint.name, exchange.model, exchange.status)
+            # A client that left before its answer was complete is "client_closed", whatever
+            # status its (partial) answer had started with.
+            status = 0 if exchange.disconnected else exchange.status
+            metrics.request_done(endpoint.name, exchange.model, status)
 
     async def _handle(
         self,

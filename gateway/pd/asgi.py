@@ -222,7 +222,7 @@ class PDProxy:
                 metrics.in_flight -= 1
                 watcher.cancel()
                 if handled:
-                    self._count(endpoint.name, request.model, answer, arrived, streamed=client.streaming)
+                    self._count(endpoint.name, request.model, answer, arrived, client)
             if not handled:
                 # Served on a regular worker after all: the proxy's span becomes a child of this
                 # one (which holds the PD verdict), and the proxy counts the request.
@@ -237,13 +237,17 @@ class PDProxy:
                     span.set(status=answer.status or None)
                 span.end(error=error)
 
-    def _count(self, endpoint: str, model: str, answer: _Answer, arrived: float, *, streamed: bool) -> None:
+    def _count(
+        self, endpoint: str, model: str, answer: _Answer, arrived: float, client: _ClientState
+    ) -> None:
         metrics = self._metrics
-        metrics.request_done(endpoint, model, answer.status)
+        # A client that left before its answer was complete is "client_closed" (status 0).
+        status = 0 if client.disconnected else answer.status
+        metrics.request_done(endpoint, model, status)
         stats = metrics.model(model)
-        if streamed and answer.first_byte_at:
+        if client.streaming and answer.first_byte_at:
             stats.ttft.observe(answer.first_byte_at - arrived)
-        if 200 <= answer.status < 300:
+        if 200 <= status < 300:
             stats.e2e.observe(self._clock() - arrived)
 
     @staticmethod

@@ -65,6 +65,8 @@ async def test_client_leaving_mid_stream_closes_upstream_at_once() -> None:
     [(_, outcome)] = harness.router.outcomes
     assert outcome.ok is False
     assert not serving.cancelled()
+    # A stream cut short by its client is no 2xx in the request counter.
+    assert harness.gateway.metrics.requests == {("chat", "deepseek-ai/DeepSeek-V3", "client_closed"): 1}
 
 
 async def test_client_leaving_before_headers_closes_upstream() -> None:

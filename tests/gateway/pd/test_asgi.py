@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
@@ -87,3 +88,38 @@ async def test_no_model_known_yet_is_503_with_retry_after() -> None:
     assert (status, error["code"]) == (503, "no_healthy_worker")
     assert (b"retry-after", b"3") in sent[0]["headers"]
     assert 'code="5xx"' in _requests_total(metrics)
+
+
+class _StreamingPD(_PD):
+    """Streams one event over PD and then waits, as a long decode would."""
+
+    async def forward(self, *, send: Any, client: Any, **_: Any) -> bool:
+        client.started = client.streaming = True
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+        await asyncio.Event().wait()
+        return True
+
+
+async def test_client_leaving_mid_stream_over_pd_is_counted_client_closed() -> None:
+    metrics = Metrics()
+    proxy = PDProxy(_Unused(), _StreamingPD(), models=lambda: ["m"], metrics=metrics)  # type: ignore[arg-type]
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    got_body = asyncio.Event()
+    read = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal read
+        if not read:
+            read = True
+            return {"type": "http.request", "body": b'{"messages": [], "stream": true}', "more_body": False}
+        await got_body.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        if message.get("body"):
+            got_body.set()
+
+    await asyncio.wait_for(proxy.handle(scope, receive, send), 5)
+    assert metrics.requests == {("chat", "m", "client_closed"): 1}
+    assert metrics.model("m").e2e.count == 0
