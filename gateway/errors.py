@@ -20,6 +20,7 @@ __all__ = [
     "no_healthy_worker",
     "no_model_yet",
     "not_found",
+    "request_body_timeout",
     "sse_error_event",
     "upstream_failed",
 ]
@@ -110,6 +111,17 @@ def body_too_large(limit: int) -> GatewayError:
         f"Request body is larger than the gateway's limit of {limit} bytes",
         "invalid_request_error",
         code="request_too_large",
+    )
+
+
+def request_body_timeout(timeout_s: float) -> GatewayError:
+    return GatewayError(
+        408,
+        f"The request body did not arrive within {timeout_s:g} s",
+        "invalid_request_error",
+        code="request_timeout",
+        # The rest of the body may still come: the connection cannot be reused.
+        headers=(("connection", "close"),),
     )
 
 

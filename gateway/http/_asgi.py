@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from gateway.errors import GatewayError, bad_request, body_too_large
+from gateway.errors import GatewayError, bad_request, body_too_large, request_body_timeout
 
 __all__ = [
     "ASGIApp",
@@ -79,12 +80,23 @@ def _check_content_type(scope: Scope) -> None:
             )
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body, refusing (413) anything over ``limit`` bytes before reading it all."""
+async def read_body(scope: Scope, receive: Receive, limit: int, timeout_s: float | None = None) -> bytes:
+    """The whole request body, refusing (413) anything over ``limit`` bytes before reading it all,
+    and (408) a body that has not fully arrived ``timeout_s`` seconds after reading began: a client
+    that stalls mid-body must not hold its connection and task forever."""
     declared = _content_length(scope)
     if declared is not None and declared > limit:
         raise body_too_large(limit)
     _check_content_type(scope)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _receive_body(receive, limit)
+    except TimeoutError:
+        assert timeout_s is not None
+        raise request_body_timeout(timeout_s) from None
+
+
+async def _receive_body(receive: Receive, limit: int) -> bytes:
     message = await receive()
     if message["type"] == "http.disconnect":
         raise ClientGone

@@ -98,6 +98,8 @@ class ProxySettings(msgspec.Struct, frozen=True):
     max_body_bytes: int = 4 * 1024 * 1024
     retries: int = 2
     retry_after_s: int = 2
+    # The whole request body must arrive within this (else 408): 4 MiB in 30 s is 140 kB/s.
+    body_read_timeout_s: float = 30.0
 
 
 PROXIED_PATHS: dict[str, tuple[Endpoint, tuple[str, ...]]] = {
@@ -231,7 +233,9 @@ class Proxy:
             )
             return
         try:
-            body = await read_body(scope, receive, self._settings.max_body_bytes)
+            body = await read_body(
+                scope, receive, self._settings.max_body_bytes, self._settings.body_read_timeout_s
+            )
             request = decode_view(endpoint, body, self._default_model)
         except GatewayError as error:
             await self._send_error(send, exchange, error)

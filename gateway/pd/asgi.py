@@ -121,6 +121,7 @@ class PDProxy:
         models: Callable[[], list[str]],
         telemetry: Telemetry | None = None,
         max_body_bytes: int = 4 * 1024 * 1024,
+        body_read_timeout_s: float = 30.0,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -132,6 +133,7 @@ class PDProxy:
         self._models = models
         self._telemetry = telemetry if telemetry is not None else Telemetry()
         self._max_body_bytes = max_body_bytes
+        self._body_read_timeout_s = body_read_timeout_s
 
     def _default_model(self) -> str | None:
         models = self._models()
@@ -150,7 +152,7 @@ class PDProxy:
             metrics.request_done(endpoint.name, "", 405)
             return
         try:
-            body = await read_body(scope, receive, self._max_body_bytes)
+            body = await read_body(scope, receive, self._max_body_bytes, self._body_read_timeout_s)
             request = decode_view(endpoint, body, self._default_model)
             pd_model = self._pd.serves(request.model)
         except GatewayError as bad:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import msgspec
 import pytest
 
+from gateway.http.proxy import Proxy, ProxySettings
 from gateway.routing import Route, RoutingRequest
 from tests.gateway.http._fakes import FakeResponse, Harness, worker
 
@@ -255,3 +258,39 @@ async def test_catch_all_on_litestar_routes() -> None:
     async with gateway.client() as client:
         reply = await client.get("/admin/decisions")
     assert_openai_error(reply, 500, "internal_error")
+
+
+async def test_a_body_that_stalls_mid_way_is_408_after_the_body_read_timeout() -> None:
+    gateway = harness()
+    proxy = Proxy(
+        router=gateway.router,
+        transport=gateway.transport,
+        models=gateway.registry.models,
+        settings=ProxySettings(body_read_timeout_s=0.05),
+    )
+    scope = {"type": "http", "method": "POST", "path": "/generate", "headers": [(b"content-length", b"100")]}
+    sent: list[dict[str, Any]] = []
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": b'{"text": "ab', "more_body": True}
+        await asyncio.Event().wait()  # the rest never comes, and the client does not leave either
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(proxy.handle(scope, receive, send), 5)
+    assert sent[0]["status"] == 408
+    assert (b"connection", b"close") in sent[0]["headers"]
+    error = msgspec.json.decode(sent[1]["body"])["error"]
+    assert (error["code"], error["type"]) == ("request_timeout", "invalid_request_error")
+    assert gateway.transport.requests == []
+    assert proxy.metrics.requests == {("generate", "", "4xx"): 1}
+
+
+def test_body_read_timeout_defaults_to_30_s() -> None:
+    assert ProxySettings().body_read_timeout_s == 30.0
