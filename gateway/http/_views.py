@@ -116,7 +116,8 @@ def _decode(endpoint: Endpoint, body: bytes) -> msgspec.Struct:
         except UnicodeDecodeError as exc:
             # msgspec validates UTF-8 only when it builds a str, and raises Python's own error then.
             raise bad_request(
-                f"Request body is not valid JSON: invalid UTF-8 at byte {exc.start}", code="invalid_json"
+                f"Request body is not valid JSON: a string is not valid UTF-8 ({exc.reason})",
+                code="invalid_json",
             ) from None
         return view
     assert first_error is not None

@@ -217,7 +217,8 @@ def build_litestar(
             raise bad_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
         except UnicodeDecodeError as exc:
             raise bad_request(
-                f"Request body is not valid JSON: invalid UTF-8 at byte {exc.start}", code="invalid_json"
+                f"Request body is not valid JSON: a string is not valid UTF-8 ({exc.reason})",
+                code="invalid_json",
             ) from None
         if not entry.url.startswith(("http://", "https://")):
             raise bad_request("url must start with http:// or https://", param="url")

@@ -186,12 +186,14 @@ async def test_admin_errors_are_openai_shaped_with_string_codes_and_the_param() 
         url_type = await client.post("/admin/workers", json={"url": 5})
         bad_role = await client.post("/admin/workers", json={"url": "http://10.0.0.9:1", "role": "boss"})
         not_json = await client.post("/admin/workers", content=b"{bad")
+        not_utf8 = await client.post("/admin/workers", content=b'{"url": "http://\xff"}')
     for reply, param, code in [
         (bad_limit, "limit", "invalid_request"),
         (no_url, "url", "invalid_request"),
         (url_type, "url", "invalid_request"),
         (bad_role, "role", "invalid_request"),
         (not_json, None, "invalid_json"),
+        (not_utf8, None, "invalid_json"),
     ]:
         assert reply.status_code == 400, reply.text
         error = reply.json()["error"]
