@@ -129,6 +129,11 @@ class _LegFailed(Exception):
         self.status = status
 
 
+def _decode_unpinned(shape: RequestShape, decode_route: Route[Any]) -> bool:
+    """Whether the decode server picks the ranks itself (listed request on a multi-rank server)."""
+    return shape.listed and decode_route.worker.dp_size > 1
+
+
 def _failure_kind(exc: _LegFailed) -> str:
     """The gateway.metrics failure kind of a failed leg."""
     if exc.status is not None:
@@ -385,8 +390,14 @@ class PDForwarder:
             metrics = self.metrics
             if attempt > 0:
                 metrics.model(request.model).retries += 1
-            for route in (prefill_route, decode_route):
-                metrics.decision(route.decision.policy, route.worker.url, route.decision.target.dp_rank)
+            metrics.decision(
+                prefill_route.decision.policy, prefill_route.worker.url, prefill_route.decision.target.dp_rank
+            )
+            metrics.decision(
+                decode_route.decision.policy,
+                decode_route.worker.url,
+                None if _decode_unpinned(shape, decode_route) else decode_route.decision.target.dp_rank,
+            )
             try:
                 await self._pair(
                     endpoint=endpoint,
@@ -478,11 +489,21 @@ class PDForwarder:
         )
 
     @staticmethod
-    def _receipt(prefill_route: Route[Any], decode_route: Route[Any], room: int) -> list[tuple[str, str]]:
+    def _receipt(
+        prefill_route: Route[Any], decode_route: Route[Any], room: int, shape: RequestShape
+    ) -> list[tuple[str, str]]:
         prefill, decode = prefill_route.decision, decode_route.decision
+        # A listed request (batch or n > 1) is not rank-pinned on decode: the server spreads its
+        # sequences itself, so no decode rank is claimed. Its prefill sequences still land on the
+        # chosen rank, by room (follow_bootstrap_room, SGLang's prefill default).
+        decode_rank = (
+            []
+            if _decode_unpinned(shape, decode_route)
+            else [("x-cachet-dp-rank", str(decode.target.dp_rank))]
+        )
         return [
             ("x-cachet-worker", decode_route.worker.url),
-            ("x-cachet-dp-rank", str(decode.target.dp_rank)),
+            *decode_rank,
             ("x-cachet-prefill-worker", prefill_route.worker.url),
             ("x-cachet-prefill-dp-rank", str(prefill.target.dp_rank)),
             ("x-cachet-cached-tokens", str(prefill.predicted_cached_tokens)),
@@ -560,7 +581,7 @@ class PDForwarder:
                 shape=shape,
                 stream=request.stream,
             )
-            receipt = self._receipt(prefill_route, decode_route, rooms[0])
+            receipt = self._receipt(prefill_route, decode_route, rooms[0], shape)
             if decode_answer is None:
                 # Prefill said 4xx: the client's request is at fault; the decode leg is already closed.
                 assert prefill_answer is not None

@@ -343,13 +343,15 @@ async def pd_cluster() -> AsyncIterator[Callable[..., Any]]:
         regular: int = 0,
         prefill_dp: int = 1,
         bootstrap_port: int | None = 9100,
+        *,
+        decode_dp: int = 1,
     ) -> Cluster:
         hub = Hub()
         p = [
             FakeServer(Role.PREFILL, hub, dp_size=prefill_dp, bootstrap_port=bootstrap_port)
             for _ in range(prefill)
         ]
-        d = [FakeServer(Role.DECODE, hub) for _ in range(decode)]
+        d = [FakeServer(Role.DECODE, hub, dp_size=decode_dp) for _ in range(decode)]
         r = [FakeServer(Role.REGULAR, hub) for _ in range(regular)]
         for server in (*p, *d, *r):
             await server.start()

@@ -225,6 +225,25 @@ async def test_prefill_dp_rank_is_pinned_hinted_and_matches_the_room(pd_cluster:
     assert "X-Data-Parallel-Rank" not in cluster.decode[0].received[-1].headers
 
 
+async def test_a_listed_request_claims_no_decode_rank_it_did_not_pin(pd_cluster: Any) -> None:
+    cluster = await pd_cluster(prefill=1, decode=1, prefill_dp=4, decode_dp=4)
+    forwarder = cluster.make()
+    single = cluster.client()
+    assert await forward(forwarder, GENERATE, {"text": "one prompt"}, single)
+    assert int(single.headers["x-cachet-dp-rank"]) == cluster.decode[0].received[-1].body["routed_dp_rank"]
+    for body in ({"text": ["a", "b", "c"]}, {"input_ids": [[1, 2], [3]]}):
+        client = cluster.client()
+        assert await forward(forwarder, GENERATE, body, client)
+        sent_to_decode = cluster.decode[0].received[-1].body
+        assert "routed_dp_rank" not in sent_to_decode
+        assert "x-cachet-dp-rank" not in client.headers
+        # Prefill sequences follow their rooms, all congruent to the chosen prefill rank.
+        rank = int(client.headers["x-cachet-prefill-dp-rank"])
+        assert {room % 4 for room in cluster.prefill[0].received[-1].body["bootstrap_room"]} == {rank}
+    decided = [key for key in forwarder.metrics.decisions if key[1] == cluster.decode[0].url]
+    assert sorted(key[2] is None for key in decided) == [False, True]
+
+
 async def test_input_logprobs_of_prefill_are_merged_in_front(pd_cluster: Any) -> None:
     cluster = await pd_cluster()
     forwarder = cluster.make()
