@@ -348,14 +348,15 @@ class Proxy:
                 else:
                     stats.retries += 1
                 decision = route.decision
-                unpinned = batch and route.worker.dp_size > 1
+                # route.dp_rank is None for a single-rank server and for an unpinned batch.
+                unpinned = route.dp_rank is None and route.worker.dp_size > 1
                 metrics.decision(
                     decision.policy, route.worker.url, None if unpinned else decision.target.dp_rank
                 )
                 if span is not None:
                     span.set(
                         worker=route.worker.url,
-                        dp_rank=None if batch else route.dp_rank,
+                        dp_rank=route.dp_rank,
                         policy=route.decision.policy,
                         reason=route.decision.reason,
                         predicted_cached_tokens=route.decision.predicted_cached_tokens,
@@ -411,18 +412,14 @@ class Proxy:
     ) -> None:
         """One attempt on ``route``. Raises _UpstreamFailed if the client has seen nothing yet."""
         worker = route.worker
+        # A batch on a multi-rank server is unpinned by the router (route.dp_rank None, no rank
+        # in the receipt): the server spreads it over its ranks itself.
         receipt = route.receipt_headers
-        if batch and worker.dp_size > 1:
-            # The server spreads a batch over its ranks itself (routed_dp_rank is one int for the
-            # whole request), so the receipt claims no rank rather than the one routing chose.
-            receipt = [(name, value) for name, value in receipt if name != _DP_RANK_RECEIPT]
         outcome = Outcome(ok=False)
         began = self._clock()
         response: UpstreamResponse | None = None
         try:
-            shaped_body, shaped_headers = shape_request(
-                worker, endpoint.name, body, headers, None if batch else route.dp_rank
-            )
+            shaped_body, shaped_headers = shape_request(worker, endpoint.name, body, headers, route.dp_rank)
             url = worker.url.rstrip("/") + endpoint.path
             try:
                 response = await self._transport.send(

@@ -174,6 +174,13 @@ def _attr_float(load: Any, *names: str) -> float | None:
     return None
 
 
+def _spread_by_server(req: RoutingRequest, batch: int, role: Role) -> bool:
+    """A native /generate batch is sent without a rank; the server spreads its items (the proxy
+    pins /v1/* requests, lists of prompts included, with the X-Data-Parallel-Rank header). A PD
+    prefill batch stays on its rank: every item's bootstrap room is chosen congruent to it."""
+    return batch > 1 and req.endpoint == "generate" and role is not Role.PREFILL
+
+
 def _header_safe(text: str) -> str:
     return text.encode("ascii", "replace").decode().replace("\r", " ").replace("\n", " ")
 
@@ -452,6 +459,13 @@ class Router(Generic[W]):
         first = decision.target
         prior_stamps = state.index.stamps(first, blocks.hashes[: match_blocks.get(first, 0)])
         chosen_view = by_key[decision.target]
+        # A batch on a multi-rank server is not pinned: SGLang takes one routed_dp_rank per request
+        # and spreads a batch over its ranks itself. Its blocks then land on ranks routing cannot
+        # know, so they are not indexed on the chosen rank, and its cached-token report is no
+        # evidence about that rank's cache.
+        unpinned = (
+            _spread_by_server(req, batch, self.role) and table.workers[decision.target.worker].dp_size > 1
+        )
         # The prompt counts as queued prefill there until it is expected done (with margin): after
         # that it is decoding, and the server's own load reports tell of any queue left.
         expected_ttft = cost.ttft_s(features, chosen_view)
@@ -459,7 +473,7 @@ class Router(Generic[W]):
             model,
             choices,
             prefill_tokens=max(prompt_tokens - chosen_view.predicted_cached_tokens, 1),
-            blocks=blocks.hashes,
+            blocks=() if unpinned else blocks.hashes,
             prefill_s=_PREFILL_MARGIN * expected_ttft + _PREFILL_SLACK_S,
         )
         if lease.target != decision.target:
@@ -472,10 +486,12 @@ class Router(Generic[W]):
                 reason=f"{decision.reason}; first choice filled up meanwhile, took #{lease.choice + 1}",
             )
         worker = table.workers[lease.target.worker]
-        dp_rank = lease.target.dp_rank if worker.dp_size > 1 else None
-        headers = [
-            ("x-cachet-worker", worker.url),
-            ("x-cachet-dp-rank", str(lease.target.dp_rank)),
+        unpinned = _spread_by_server(req, batch, self.role) and worker.dp_size > 1
+        dp_rank = lease.target.dp_rank if worker.dp_size > 1 and not unpinned else None
+        headers = [("x-cachet-worker", worker.url)]
+        if not unpinned:
+            headers.append(("x-cachet-dp-rank", str(lease.target.dp_rank)))
+        headers += [
             ("x-cachet-cached-tokens", str(decision.predicted_cached_tokens)),
             ("x-cachet-reason", _header_safe(decision.reason)),
             ("x-cachet-policy", decision.policy),
@@ -487,14 +503,14 @@ class Router(Generic[W]):
             headers,
             lease=lease,
             blocks=blocks,
-            predicted_blocks=match_blocks.get(lease.target, 0),
-            prior_stamps=prior_stamps if lease.target == first else (),
+            predicted_blocks=0 if unpinned else match_blocks.get(lease.target, 0),
+            prior_stamps=prior_stamps if lease.target == first and not unpinned else (),
         )
         self._live.add(route)
         open_here = self._open.setdefault(lease.target, OrderedDict())
         if lease.target == first:
             route._settled_below = next(iter(open_here.values()), None)
-        if blocks.hashes:
+        if blocks.hashes and not unpinned:
             recorded = state.index.stamps(lease.target, blocks.hashes[:1])
             if recorded:
                 open_here[id(route)] = recorded[0]
@@ -502,7 +518,7 @@ class Router(Generic[W]):
             {
                 "model": model,
                 "worker": worker.url,
-                "dp_rank": lease.target.dp_rank,
+                "dp_rank": None if unpinned else lease.target.dp_rank,
                 "policy": decision.policy,
                 "reason": decision.reason,
                 "prompt_tokens": prompt_tokens,

@@ -340,3 +340,25 @@ async def test_a_refused_request_is_no_evidence_of_eviction() -> None:
     assert index.blocks_on(target) == 24
     # A session's next turn after it is still predicted where its history is.
     assert (await router.route(prompt("t"))).decision.predicted_cached_tokens >= 500
+
+
+async def test_a_generate_batch_on_a_multi_rank_server_is_not_pinned_or_indexed_on_a_rank() -> None:
+    router = make_router("prefix_aware", two_servers(dp=4), seed=3)
+    batch = RoutingRequest(model="m", endpoint="generate", text=[SYSTEM + "one", SYSTEM + "two"])
+    route = await router.route(batch)
+    # The server spreads the items over its ranks itself: no rank is pinned or claimed.
+    assert route.dp_rank is None
+    assert "x-cachet-dp-rank" not in dict(route.receipt_headers)
+    assert router.recent_decisions(1)[0]["dp_rank"] is None
+    await router.finish(route, Outcome(ok=True, prompt_tokens=2000, cached_tokens=0))
+    # Nor is the prefix indexed on a rank that may never have seen it.
+    single = await router.route(RoutingRequest(model="m", endpoint="generate", text=SYSTEM + "three"))
+    assert single.decision.predicted_cached_tokens == 0
+    assert single.dp_rank is not None
+
+
+async def test_a_prompt_list_on_v1_completions_is_pinned_by_header_like_a_single_prompt() -> None:
+    router = make_router("round_robin", two_servers(dp=4), seed=3)
+    route = await router.route(RoutingRequest(model="m", endpoint="completion", prompt=["a", "b"]))
+    assert route.dp_rank is not None
+    assert dict(route.receipt_headers)["x-cachet-dp-rank"] == str(route.dp_rank)
