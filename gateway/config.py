@@ -156,6 +156,11 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_
         return DEFAULT_TRANSPORT
 
     @property
+    def upstream_speaks_https(self) -> bool:
+        """Whether the transport in use can reach an https:// worker (httptools speaks http:// only)."""
+        return self.upstream_transport != _HTTP_ONLY_TRANSPORT
+
+    @property
     def has_https_workers(self) -> bool:
         return any(worker.url.startswith("https://") for worker in self.workers)
 

@@ -222,6 +222,12 @@ def build_litestar(
             ) from None
         if not entry.url.startswith(("http://", "https://")):
             raise bad_request("url must start with http:// or https://", param="url")
+        if entry.url.startswith("https://") and not config.upstream_speaks_https:
+            raise bad_request(
+                f"this gateway's upstream transport ({config.upstream_transport}) speaks http:// only;"
+                " restart it with --transport aiohttp to add https:// workers",
+                param="url",
+            )
         known = {w.url.rstrip("/") for w in registry.workers(healthy_only=False)}
         if entry.url.rstrip("/") in known:
             raise GatewayError(

@@ -97,6 +97,17 @@ async def test_admin_lists_adds_and_removes_workers_at_run_time() -> None:
         assert gone.status_code == 404
 
 
+async def test_admin_refuses_an_https_worker_the_transport_cannot_reach() -> None:
+    async with Harness([worker(A)], ok).client() as client:  # default transport: httptools
+        refused = await client.post("/admin/workers", json={"url": "https://sglang.example:30000"})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "url"
+    assert "--transport aiohttp" in refused.json()["error"]["message"]
+    async with Harness([worker(A)], ok, transport="aiohttp").client() as client:
+        added = await client.post("/admin/workers", json={"url": "https://sglang.example:30000"})
+    assert added.status_code == 201
+
+
 async def test_admin_recent_decisions() -> None:
     harness = Harness([worker(A), worker(B)], ok)
     async with harness.client() as client:
