@@ -22,10 +22,11 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-__all__ = ["RequestSpan", "Telemetry"]
+__all__ = ["TRACE_HEADERS", "RequestSpan", "Telemetry"]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
-_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+# W3C trace-context headers: read from clients, replaced by the gateway span's upstream.
+TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 
 
 class RequestSpan:
@@ -97,7 +98,7 @@ class Telemetry:
         if self._tracer is None:
             return RequestSpan(None)
         pairs = headers.items() if isinstance(headers, Mapping) else headers
-        carrier = {key.lower(): value for key, value in pairs if key.lower() in _TRACE_HEADERS}
+        carrier = {key.lower(): value for key, value in pairs if key.lower() in TRACE_HEADERS}
         parent: Context | None = _PROPAGATOR.extract(carrier) if carrier else None
         return RequestSpan(self._tracer.start_span(name, context=parent, kind=SpanKind.SERVER))
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.errors import GatewayError, bad_request, body_too_large, request_body_timeout
+from gateway.telemetry import TRACE_HEADERS
 
 __all__ = [
     "ASGIApp",
@@ -19,6 +20,7 @@ __all__ = [
     "read_body",
     "send_error",
     "send_response",
+    "upstream_headers",
 ]
 
 Scope = MutableMapping[str, Any]
@@ -28,6 +30,44 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 JSON = b"application/json"
+
+
+# Client headers not forwarded: the transport sets framing headers itself, the body is always sent
+# as JSON whatever the client declared, and the DP rank is routing's to pin.
+_DROPPED_REQUEST_HEADERS = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"content-type",
+        b"expect",
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"x-data-parallel-rank",
+    }
+)
+
+
+class _TraceContext(Protocol):
+    def upstream_headers(self) -> list[tuple[str, str]]: ...
+
+
+def upstream_headers(scope: Scope, span: _TraceContext | None) -> list[tuple[str, str]]:
+    """The client's headers as sent upstream: framing and rank headers dropped, JSON declared, and
+    with tracing on the client's trace context replaced by the gateway span's (never sent twice)."""
+    headers = [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in scope["headers"]
+        if name not in _DROPPED_REQUEST_HEADERS
+    ]
+    headers.append(("content-type", "application/json"))
+    if span is not None:
+        headers = [(name, value) for name, value in headers if name.lower() not in TRACE_HEADERS]
+        headers.extend(span.upstream_headers())
+    return headers
 
 
 class ClientGone(Exception):

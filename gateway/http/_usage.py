@@ -8,9 +8,11 @@ so the last one before ``[DONE]`` has the totals.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
+
+from gateway.routing import Outcome
 
 __all__ = ["Usage", "usage_from_body", "usage_from_stream_tail"]
 
@@ -110,3 +112,26 @@ def usage_from_stream_tail(chunks: Iterable[bytes]) -> Usage:
         return _usage_of(_ONE.decode(payload))
     except (msgspec.DecodeError, msgspec.ValidationError):
         return Usage()
+
+
+class _SpanAttributes(Protocol):
+    def set(self, **attributes: str | int | float | bool | None) -> None: ...
+
+
+def outcome_from_usage(usage: Usage, ttft: float | None, e2e: float, span: _SpanAttributes | None) -> Outcome:
+    """What routing learns from a finished response (and the span records of it)."""
+    if span is not None:
+        span.set(
+            prompt_tokens=usage.prompt_tokens,
+            cached_tokens=usage.cached_tokens,
+            completion_tokens=usage.completion_tokens,
+            ttft_s=ttft,
+        )
+    return Outcome(
+        ok=not usage.error,
+        prompt_tokens=usage.prompt_tokens,
+        cached_tokens=usage.cached_tokens,
+        completion_tokens=usage.completion_tokens,
+        ttft_s=ttft,
+        e2e_s=e2e,
+    )

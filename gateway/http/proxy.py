@@ -38,8 +38,17 @@ from gateway.errors import (
     sse_error_event,
     upstream_failed,
 )
-from gateway.http._asgi import ClientGone, Receive, Scope, Send, encode_headers, read_body, send_error
-from gateway.http._usage import Usage, usage_from_body, usage_from_stream_tail
+from gateway.http._asgi import (
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    encode_headers,
+    read_body,
+    send_error,
+    upstream_headers,
+)
+from gateway.http._usage import outcome_from_usage, usage_from_body, usage_from_stream_tail
 from gateway.http._views import CHAT, COMPLETION, GENERATE, Endpoint, decode_view, is_batch
 from gateway.metrics import Metrics, ModelMetrics
 from gateway.routing import NoHealthyWorker, Outcome, Route, RoutingRequest, UnknownModel
@@ -57,26 +66,8 @@ __all__ = ["PROXIED_PATHS", "Proxy", "ProxySettings", "RouterLike"]
 
 logger = logging.getLogger("cachet.gateway.proxy")
 
-# Client headers not forwarded: the transport sets framing headers itself, and the body is always
-# sent as JSON whatever the client declared.
-_DROPPED_REQUEST_HEADERS = frozenset(
-    {
-        b"host",
-        b"content-length",
-        b"content-type",
-        b"expect",
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-connection",
-        b"x-data-parallel-rank",
-    }
-)
 # Upstream response headers our server writes itself.
 _DROPPED_RESPONSE_HEADERS = frozenset({"content-length", "date", "server"})
-_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 _DP_RANK_RECEIPT = "x-cachet-dp-rank"
 _EVENT_STREAM = "text/event-stream"
 # Raw chunks kept to find the last event of a stream (one cumulative /generate event can span
@@ -293,19 +284,6 @@ class Proxy:
                 }
             )
 
-    def _upstream_headers(self, scope: Scope, span: RequestSpan | None) -> list[tuple[str, str]]:
-        headers = [
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, value in scope["headers"]
-            if name not in _DROPPED_REQUEST_HEADERS
-        ]
-        headers.append(("content-type", "application/json"))
-        if span is not None:
-            # The client's trace context is replaced by ours (a child of it), never sent twice.
-            headers = [(name, value) for name, value in headers if name.lower() not in _TRACE_HEADERS]
-            headers.extend(span.upstream_headers())
-        return headers
-
     async def _proxy(
         self,
         *,
@@ -323,7 +301,7 @@ class Proxy:
                 endpoint.name, [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
             )
             span.set(model=request.model, endpoint=endpoint.name, stream=request.stream)
-        headers = self._upstream_headers(scope, span)
+        headers = upstream_headers(scope, span)
         batch = endpoint is GENERATE and is_batch(request)
         failure: _UpstreamFailed | None = None
         excluded: frozenset[str] = frozenset()
@@ -507,7 +485,7 @@ class Proxy:
         if status >= 300:
             return Outcome(ok=False, e2e_s=self._clock() - began)
         usage = usage_from_body(data)
-        return self._outcome(usage, None, self._clock() - began, span)
+        return outcome_from_usage(usage, None, self._clock() - began, span)
 
     async def _forward_stream(
         self,
@@ -570,25 +548,7 @@ class Proxy:
             return Outcome(ok=False, ttft_s=ttft, e2e_s=self._clock() - began)
         exchange.completing = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return self._outcome(usage_from_stream_tail(tail), ttft, self._clock() - began, span)
-
-    @staticmethod
-    def _outcome(usage: Usage, ttft: float | None, e2e: float, span: RequestSpan | None) -> Outcome:
-        if span is not None:
-            span.set(
-                prompt_tokens=usage.prompt_tokens,
-                cached_tokens=usage.cached_tokens,
-                completion_tokens=usage.completion_tokens,
-                ttft_s=ttft,
-            )
-        return Outcome(
-            ok=not usage.error,
-            prompt_tokens=usage.prompt_tokens,
-            cached_tokens=usage.cached_tokens,
-            completion_tokens=usage.completion_tokens,
-            ttft_s=ttft,
-            e2e_s=e2e,
-        )
+        return outcome_from_usage(usage_from_stream_tail(tail), ttft, self._clock() - began, span)
 
 
 async def _error_detail(response: UpstreamResponse, limit: int = 300) -> str:

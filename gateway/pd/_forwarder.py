@@ -32,7 +32,7 @@ import msgspec
 
 from backends.sglang import DEFAULT_BOOTSTRAP_PORT, Bootstrap, PdRequests, shape_pd_requests
 from gateway.errors import GatewayError, model_not_found, sse_error_event, upstream_failed
-from gateway.http._usage import Usage, usage_from_body, usage_from_stream_tail
+from gateway.http._usage import outcome_from_usage, usage_from_body, usage_from_stream_tail
 from gateway.metrics import Metrics
 from gateway.pd._logprobs import StreamMerger, input_logprobs, merge_body
 from gateway.pd._rooms import RoomAllocator
@@ -619,7 +619,7 @@ class PDForwarder:
                     data=data,
                     receipt=receipt,
                 )
-                decode_outcome = self._outcome(usage_from_body(data), None, self._clock() - began, span)
+                decode_outcome = outcome_from_usage(usage_from_body(data), None, self._clock() - began, span)
             else:
                 decode_outcome = await self._stream(
                     answer=decode_answer,
@@ -899,7 +899,7 @@ class PDForwarder:
             await answer.response.aclose()
         client.completing = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return self._outcome(usage_from_stream_tail(tail), ttft, self._clock() - began, span)
+        return outcome_from_usage(usage_from_stream_tail(tail), ttft, self._clock() - began, span)
 
     @staticmethod
     async def _send_chunk(send: Send, chunk: bytes, merger: StreamMerger | None, tail: deque[bytes]) -> None:
@@ -909,21 +909,3 @@ class PDForwarder:
                 return
         tail.append(chunk)
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
-
-    @staticmethod
-    def _outcome(usage: Usage, ttft: float | None, e2e: float, span: SpanLike | None) -> Outcome:
-        if span is not None:
-            span.set(
-                prompt_tokens=usage.prompt_tokens,
-                cached_tokens=usage.cached_tokens,
-                completion_tokens=usage.completion_tokens,
-                ttft_s=ttft,
-            )
-        return Outcome(
-            ok=not usage.error,
-            prompt_tokens=usage.prompt_tokens,
-            cached_tokens=usage.cached_tokens,
-            completion_tokens=usage.completion_tokens,
-            ttft_s=ttft,
-            e2e_s=e2e,
-        )

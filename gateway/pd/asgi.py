@@ -25,34 +25,25 @@ from gateway.errors import (
     no_model_yet,
     sse_error_event,
 )
-from gateway.http._asgi import ClientGone, Message, Receive, Scope, Send, read_body, send_error
+from gateway.http._asgi import (
+    ClientGone,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    send_error,
+    upstream_headers,
+)
 from gateway.http._views import decode_view
 from gateway.http.proxy import PROXIED_PATHS
 from gateway.metrics import Metrics
 from gateway.pd._forwarder import PDForwarder
-from gateway.telemetry import RequestSpan, Telemetry
+from gateway.telemetry import TRACE_HEADERS, RequestSpan, Telemetry
 
 __all__ = ["PDProxy"]
 
 logger = logging.getLogger("cachet.gateway.pd")
-
-_DROPPED_REQUEST_HEADERS = frozenset(
-    {
-        b"host",
-        b"content-length",
-        b"content-type",
-        b"expect",
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-connection",
-        b"x-data-parallel-rank",
-    }
-)
-
-_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 
 
 class ProxyLike(Protocol):
@@ -92,7 +83,7 @@ class _Answer:
 def _with_trace(scope: Scope, trace_headers: list[tuple[str, str]]) -> Scope:
     """``scope`` with its trace headers replaced by ``trace_headers``."""
     headers = [
-        (name, value) for name, value in scope["headers"] if name.decode("latin-1") not in _TRACE_HEADERS
+        (name, value) for name, value in scope["headers"] if name.decode("latin-1") not in TRACE_HEADERS
     ]
     headers.extend((name.encode("latin-1"), value.encode("latin-1")) for name, value in trace_headers)
     return {**scope, "headers": headers}
@@ -179,16 +170,7 @@ class PDProxy:
                 endpoint.name, [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
             )
             span.set(model=request.model, endpoint=endpoint.name, stream=request.stream)
-        headers = [
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, value in scope["headers"]
-            if name not in _DROPPED_REQUEST_HEADERS
-        ]
-        headers.append(("content-type", "application/json"))
-        if span is not None:
-            # The client's trace context is replaced by ours (a child of it), never sent twice.
-            headers = [(name, value) for name, value in headers if name.lower() not in _TRACE_HEADERS]
-            headers.extend(span.upstream_headers())
+        headers = upstream_headers(scope, span)
         client = _ClientState()
         task = asyncio.current_task()
         assert task is not None
