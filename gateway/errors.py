@@ -50,6 +50,15 @@ def sse_error_event(message: str, type_: str = "server_error", code: str | None 
     return b"data: " + error_body(message, type_, code=code) + b"\n\ndata: [DONE]\n\n"
 
 
+def mid_stream_failure_event(server: str, exc: Exception, *, timed_out: bool) -> bytes:
+    """The event that ends a stream whose upstream ``server`` failed after the client's first byte."""
+    return sse_error_event(
+        f"The {server} serving this request failed mid-stream ({type(exc).__name__}: {exc})",
+        "server_error",
+        "upstream_timeout" if timed_out else "upstream_disconnected",
+    )
+
+
 class GatewayError(Exception):
     """A failure answered with ``status`` and an OpenAI-shaped body (plus optional headers)."""
 

@@ -32,6 +32,7 @@ from gateway.errors import (
     GatewayError,
     internal_error,
     method_not_allowed,
+    mid_stream_failure_event,
     model_not_found,
     no_healthy_worker,
     no_model_yet,
@@ -537,10 +538,8 @@ class Proxy:
             await send(
                 {
                     "type": "http.response.body",
-                    "body": sse_error_event(
-                        f"The server serving this request failed mid-stream ({type(exc).__name__}: {exc})",
-                        "server_error",
-                        "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_disconnected",
+                    "body": mid_stream_failure_event(
+                        "server", exc, timed_out=isinstance(exc, UpstreamTimeout)
                     ),
                     "more_body": False,
                 }

@@ -31,7 +31,12 @@ from urllib.parse import urlsplit
 import msgspec
 
 from backends.sglang import DEFAULT_BOOTSTRAP_PORT, Bootstrap, PdRequests, shape_pd_requests
-from gateway.errors import GatewayError, model_not_found, sse_error_event, upstream_failed
+from gateway.errors import (
+    GatewayError,
+    mid_stream_failure_event,
+    model_not_found,
+    upstream_failed,
+)
 from gateway.http._usage import outcome_from_usage, usage_from_body, usage_from_stream_tail
 from gateway.metrics import Metrics
 from gateway.pd._logprobs import StreamMerger, input_logprobs, merge_body
@@ -885,11 +890,8 @@ class PDForwarder:
             await send(
                 {
                     "type": "http.response.body",
-                    "body": sse_error_event(
-                        "The decode server serving this request failed mid-stream "
-                        f"({type(exc).__name__}: {exc})",
-                        "server_error",
-                        "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_disconnected",
+                    "body": mid_stream_failure_event(
+                        "decode server", exc, timed_out=isinstance(exc, UpstreamTimeout)
                     ),
                     "more_body": False,
                 }
