@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -32,7 +31,6 @@ from gateway.errors import (
     GatewayError,
     internal_error,
     method_not_allowed,
-    mid_stream_failure_event,
     model_not_found,
     no_healthy_worker,
     no_model_yet,
@@ -44,12 +42,12 @@ from gateway.http._asgi import (
     Receive,
     Scope,
     Send,
-    encode_headers,
     read_body,
     send_error,
     upstream_headers,
 )
-from gateway.http._usage import outcome_from_usage, usage_from_body, usage_from_stream_tail
+from gateway.http._relay import error_detail, is_event_stream, relay_stream, send_whole
+from gateway.http._usage import outcome_from_usage, usage_from_body
 from gateway.http._views import CHAT, COMPLETION, GENERATE, Endpoint, decode_view, is_batch
 from gateway.metrics import Metrics, ModelMetrics
 from gateway.routing import NoHealthyWorker, Outcome, Route, RoutingRequest, UnknownModel
@@ -66,14 +64,6 @@ from gateway.upstream import (
 __all__ = ["PROXIED_PATHS", "Proxy", "ProxySettings", "RouterLike"]
 
 logger = logging.getLogger("cachet.gateway.proxy")
-
-# Upstream response headers our server writes itself.
-_DROPPED_RESPONSE_HEADERS = frozenset({"content-length", "date", "server"})
-_DP_RANK_RECEIPT = "x-cachet-dp-rank"
-_EVENT_STREAM = "text/event-stream"
-# Raw chunks kept to find the last event of a stream (one cumulative /generate event can span
-# several reads).
-_TAIL_CHUNKS = 8
 
 
 class RouterLike(Protocol):
@@ -134,25 +124,6 @@ def _failure_kind(exc: UpstreamError) -> str:
     if isinstance(exc, UpstreamTimeout):
         return "timeout"
     return "disconnect"
-
-
-def _response_headers(
-    response: UpstreamResponse, receipt: list[tuple[str, str]]
-) -> list[tuple[bytes, bytes]]:
-    raw = [
-        (name.lower().encode("latin-1"), value.encode("latin-1"))
-        for name, value in response.headers
-        if name.lower() not in _DROPPED_RESPONSE_HEADERS
-    ]
-    raw.extend(encode_headers(receipt))
-    return raw
-
-
-def _is_event_stream(response: UpstreamResponse) -> bool:
-    for name, value in response.headers:
-        if name.lower() == "content-type":
-            return value.startswith(_EVENT_STREAM)
-    return False
 
 
 class Proxy:
@@ -414,11 +385,11 @@ class Proxy:
                 ) from exc
             status = response.status
             if status >= 500:
-                detail = await _error_detail(response)
+                detail = await error_detail(response)
                 raise _UpstreamFailed(
                     f"{worker.url} answered {status}: {detail}", kind="status_5xx", status=status
                 )
-            if status >= 400 or not _is_event_stream(response):
+            if status >= 400 or not is_event_stream(response.headers):
                 outcome = await self._forward_whole(
                     response=response,
                     worker_url=worker.url,
@@ -476,13 +447,10 @@ class Proxy:
                 code="upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_unavailable",
             ) from exc
         status = response.status
-        raw = _response_headers(response, receipt)
-        raw.append((b"content-length", str(len(data)).encode()))
-        exchange.started = True
-        exchange.completing = True
         exchange.status = status
-        await send({"type": "http.response.start", "status": status, "headers": raw})
-        await send({"type": "http.response.body", "body": data, "more_body": False})
+        await send_whole(
+            send=send, client=exchange, status=status, headers=response.headers, data=data, receipt=receipt
+        )
         if status >= 300:
             return Outcome(ok=False, e2e_s=self._clock() - began)
         usage = usage_from_body(data)
@@ -511,50 +479,20 @@ class Proxy:
                 kind=_failure_kind(exc),
                 timeout=isinstance(exc, UpstreamTimeout),
             ) from exc
-        now = self._clock()
-        ttft = now - began
-        stats.ttft.observe(now - exchange.arrived)
-        exchange.started = True
-        exchange.streaming = True
         exchange.status = response.status
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": _response_headers(response, receipt),
-            }
+        return await relay_stream(
+            response=response,
+            first=first,
+            chunks=chunks,
+            receipt=receipt,
+            send=send,
+            client=exchange,
+            began=began,
+            clock=self._clock,
+            metrics=self._metrics,
+            worker_url=worker_url,
+            server="server",
+            span=span,
+            ttft=stats.ttft,
+            arrived=exchange.arrived,
         )
-        tail: deque[bytes] = deque((first,), maxlen=_TAIL_CHUNKS)
-        try:
-            if first:
-                await send({"type": "http.response.body", "body": first, "more_body": True})
-                async for chunk in chunks:
-                    tail.append(chunk)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except UpstreamError as exc:
-            logger.warning("upstream %s failed mid-stream: %s", worker_url, exc)
-            self._metrics.upstream_failure(worker_url, "mid_stream")
-            exchange.completing = True
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": mid_stream_failure_event(
-                        "server", exc, timed_out=isinstance(exc, UpstreamTimeout)
-                    ),
-                    "more_body": False,
-                }
-            )
-            return Outcome(ok=False, ttft_s=ttft, e2e_s=self._clock() - began)
-        exchange.completing = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return outcome_from_usage(usage_from_stream_tail(tail), ttft, self._clock() - began, span)
-
-
-async def _error_detail(response: UpstreamResponse, limit: int = 300) -> str:
-    """A short excerpt of an upstream error body, for the gateway's own error message."""
-    try:
-        data = await response.aread()
-    except UpstreamError as exc:
-        return f"(body unreadable: {type(exc).__name__})"
-    text = data[:limit].decode("utf-8", "replace").strip()
-    return text or "(empty body)"

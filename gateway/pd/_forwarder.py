@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -31,13 +30,9 @@ from urllib.parse import urlsplit
 import msgspec
 
 from backends.sglang import DEFAULT_BOOTSTRAP_PORT, Bootstrap, PdRequests, shape_pd_requests
-from gateway.errors import (
-    GatewayError,
-    mid_stream_failure_event,
-    model_not_found,
-    upstream_failed,
-)
-from gateway.http._usage import outcome_from_usage, usage_from_body, usage_from_stream_tail
+from gateway.errors import GatewayError, model_not_found, upstream_failed
+from gateway.http._relay import error_detail, is_event_stream, relay_stream, send_whole
+from gateway.http._usage import outcome_from_usage, usage_from_body
 from gateway.metrics import Metrics
 from gateway.pd._logprobs import StreamMerger, input_logprobs, merge_body
 from gateway.pd._rooms import RoomAllocator
@@ -61,10 +56,6 @@ __all__ = ["ClientState", "EndpointLike", "PDForwarder", "PDRouterLike", "Send",
 logger = logging.getLogger("cachet.gateway.pd")
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-
-_DROPPED_RESPONSE_HEADERS = frozenset({"content-length", "date", "server"})
-_EVENT_STREAM = "text/event-stream"
-_TAIL_CHUNKS = 8
 
 
 class EndpointLike(Protocol):
@@ -188,32 +179,19 @@ def _header_safe(text: str) -> str:
     return text.encode("ascii", "replace").decode().replace("\r", " ").replace("\n", " ")
 
 
-def _is_event_stream(headers: list[tuple[str, str]]) -> bool:
-    for name, value in headers:
-        if name.lower() == "content-type":
-            return value.startswith(_EVENT_STREAM)
-    return False
-
-
-def _client_headers(
-    headers: list[tuple[str, str]], extra: list[tuple[str, str]]
-) -> list[tuple[bytes, bytes]]:
-    raw = [
-        (name.lower().encode("latin-1"), value.encode("latin-1"))
-        for name, value in headers
-        if name.lower() not in _DROPPED_RESPONSE_HEADERS
-    ]
-    raw.extend((name.encode("latin-1"), value.encode("latin-1")) for name, value in extra)
-    return raw
-
-
-async def _error_detail(response: UpstreamResponse, limit: int = 300) -> str:
-    try:
-        data = await response.aread()
-    except UpstreamError as exc:
-        return f"(body unreadable: {type(exc).__name__})"
-    text = data[:limit].decode("utf-8", "replace").strip()
-    return text or "(empty body)"
+async def _merged(first: bytes, chunks: AsyncIterator[bytes], merger: StreamMerger) -> AsyncIterator[bytes]:
+    """The decode stream with the prefill's input logprobs put in front of its own (re-framed
+    events; only when the request asked for logprobs)."""
+    out = merger.feed(first)
+    if out:
+        yield out
+    async for chunk in chunks:
+        out = merger.feed(chunk)
+        if out:
+            yield out
+    out = merger.flush()
+    if out:
+        yield out
 
 
 class _AbortProbe(msgspec.Struct):
@@ -590,7 +568,7 @@ class PDForwarder:
             if decode_answer is None:
                 # Prefill said 4xx: the client's request is at fault; the decode leg is already closed.
                 assert prefill_answer is not None
-                await self._send_whole(
+                await send_whole(
                     send=send,
                     client=client,
                     status=prefill_answer.status,
@@ -604,7 +582,7 @@ class PDForwarder:
                 status = decode_answer.response.status
                 if status >= 400:
                     await self._abort(prefill_task)
-                    await self._send_whole(
+                    await send_whole(
                         send=send,
                         client=client,
                         status=status,
@@ -616,7 +594,7 @@ class PDForwarder:
                 data = decode_answer.body
                 if shape.merge_logprobs and prefill_answer is not None:
                     data = merge_body(data, input_logprobs(prefill_answer.body))
-                await self._send_whole(
+                await send_whole(
                     send=send,
                     client=client,
                     status=status,
@@ -626,17 +604,29 @@ class PDForwarder:
                 )
                 decode_outcome = outcome_from_usage(usage_from_body(data), None, self._clock() - began, span)
             else:
-                decode_outcome = await self._stream(
-                    answer=decode_answer,
-                    prefill_answer=prefill_answer,
-                    shape=shape,
-                    receipt=receipt,
-                    send=send,
-                    client=client,
-                    began=began,
-                    span=span,
-                    decode_url=decode_worker.url,
-                )
+                first, chunks = decode_answer.first, decode_answer.chunks
+                assert chunks is not None
+                if shape.merge_logprobs and prefill_answer is not None:
+                    merger = StreamMerger(input_logprobs(prefill_answer.body))
+                    first, chunks = b"", _merged(first, chunks, merger)
+                try:
+                    decode_outcome = await relay_stream(
+                        response=decode_answer.response,
+                        first=first,
+                        chunks=chunks,
+                        receipt=receipt,
+                        send=send,
+                        client=client,
+                        began=began,
+                        clock=self._clock,
+                        metrics=self.metrics,
+                        worker_url=decode_worker.url,
+                        server="decode server",
+                        span=span,
+                    )
+                finally:
+                    # Back to the pool now, not after the prefill's verdict.
+                    await decode_answer.response.aclose()
             prefill_outcome = await self._prefill_verdict(prefill_task, decode_outcome)
         finally:
             for task in (decode_task, prefill_task):
@@ -757,9 +747,9 @@ class PDForwarder:
         try:
             status = response.status
             if status >= 500:
-                detail = await _error_detail(response)
+                detail = await error_detail(response)
                 raise _LegFailed(Role.DECODE, url, f"answered {status}: {detail}", status=status)
-            if status >= 400 or not _is_event_stream(response.headers):
+            if status >= 400 or not is_event_stream(response.headers):
                 try:
                     data = await response.aread()
                 except UpstreamError as exc:
@@ -823,91 +813,3 @@ class PDForwarder:
             cached_tokens=decode.cached_tokens,
             completion_tokens=None,
         )
-
-    # -- to the client ---------------------------------------------------------------------------
-
-    async def _send_whole(
-        self,
-        *,
-        send: Send,
-        client: ClientState,
-        status: int,
-        headers: list[tuple[str, str]],
-        data: bytes,
-        receipt: list[tuple[str, str]],
-    ) -> None:
-        raw = _client_headers(headers, receipt)
-        raw.append((b"content-length", str(len(data)).encode()))
-        client.started = True
-        client.completing = True
-        await send({"type": "http.response.start", "status": status, "headers": raw})
-        await send({"type": "http.response.body", "body": data, "more_body": False})
-
-    async def _stream(
-        self,
-        *,
-        answer: _DecodeAnswer,
-        prefill_answer: _PrefillAnswer | None,
-        shape: RequestShape,
-        receipt: list[tuple[str, str]],
-        send: Send,
-        client: ClientState,
-        began: float,
-        span: SpanLike | None,
-        decode_url: str,
-    ) -> Outcome:
-        assert answer.chunks is not None
-        merger = (
-            StreamMerger(input_logprobs(prefill_answer.body))
-            if shape.merge_logprobs and prefill_answer is not None
-            else None
-        )
-        ttft = self._clock() - began
-        client.started = True
-        client.streaming = True
-        await send(
-            {
-                "type": "http.response.start",
-                "status": answer.response.status,
-                "headers": _client_headers(answer.response.headers, receipt),
-            }
-        )
-        tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
-        try:
-            if answer.first:
-                await self._send_chunk(send, answer.first, merger, tail)
-                async for chunk in answer.chunks:
-                    await self._send_chunk(send, chunk, merger, tail)
-            if merger is not None:
-                rest = merger.flush()
-                if rest:
-                    tail.append(rest)
-                    await send({"type": "http.response.body", "body": rest, "more_body": True})
-        except UpstreamError as exc:
-            logger.warning("decode %s failed mid-stream: %s", decode_url, exc)
-            self.metrics.upstream_failure(decode_url, "mid_stream")
-            client.completing = True
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": mid_stream_failure_event(
-                        "decode server", exc, timed_out=isinstance(exc, UpstreamTimeout)
-                    ),
-                    "more_body": False,
-                }
-            )
-            return Outcome(ok=False, ttft_s=ttft, e2e_s=self._clock() - began)
-        finally:
-            await answer.response.aclose()
-        client.completing = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return outcome_from_usage(usage_from_stream_tail(tail), ttft, self._clock() - began, span)
-
-    @staticmethod
-    async def _send_chunk(send: Send, chunk: bytes, merger: StreamMerger | None, tail: deque[bytes]) -> None:
-        if merger is not None:
-            chunk = merger.feed(chunk)
-            if not chunk:
-                return
-        tail.append(chunk)
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
