@@ -627,6 +627,14 @@ class PDForwarder:
                 finally:
                     # Back to the pool now, not after the prefill's verdict.
                     await decode_answer.response.aclose()
+            if decode_outcome.ok and decode_outcome.cached_tokens is not None:
+                # The decode server reports the prefill's cached_tokens (carried with the KV), so
+                # they measure the prefill router's prediction, as the regular path's do its own.
+                self.metrics.model(request.model).cache_report(
+                    prefill_route.decision.predicted_cached_tokens,
+                    decode_outcome.cached_tokens,
+                    decode_outcome.prompt_tokens,
+                )
             prefill_outcome = await self._prefill_verdict(prefill_task, decode_outcome)
         finally:
             for task in (decode_task, prefill_task):

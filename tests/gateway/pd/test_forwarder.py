@@ -266,6 +266,40 @@ async def test_input_logprobs_of_prefill_are_merged_in_front(pd_cluster: Any) ->
     assert "input_token_logprobs" not in msgspec.json.decode(client.body)["meta_info"]
 
 
+async def test_cached_tokens_reported_through_decode_score_the_prefill_prediction(pd_cluster: Any) -> None:
+    # The regular path's prediction-accuracy counters, fed on PD by the prefill router's prediction
+    # (the receipt's x-cachet-cached-tokens) against what the decode server reports (the prefill's
+    # counts, carried with the KV), whether streamed or not.
+    cluster = await pd_cluster()
+    forwarder = cluster.make()
+    text = "word " * 400
+    predicted: list[int] = []
+    reported: list[tuple[int, int]] = []
+    for stream in (False, True, False):
+        client = cluster.client()
+        assert await forward(forwarder, GENERATE, {"text": text, "stream": stream}, client)
+        assert client.status == 200
+        predicted.append(int(client.headers["x-cachet-cached-tokens"]))
+        if stream:
+            events = [e for e in client.body.split(b"\n\n") if e and e != b"data: [DONE]"]
+            meta = msgspec.json.decode(events[-1][len(b"data: ") :])["meta_info"]
+        else:
+            meta = msgspec.json.decode(client.body)["meta_info"]
+        reported.append((meta["prompt_tokens"], meta["cached_tokens"]))
+    # The prefill router's prediction, not the decode router's (which ignores prefixes: always 0).
+    assert predicted[0] == 0 and any(predicted[1:])
+    # A chat answer without usage.prompt_tokens_details reports no cached tokens: not scored.
+    assert await forward(forwarder, CHAT, CHAT_BODY, cluster.client())
+    stats = forwarder.metrics.model("m")
+    assert stats.cache_reports == 3
+    assert stats.cached_tokens_reported == sum(cached for _, cached in reported)
+    assert stats.cached_tokens_predicted == sum(predicted)
+    assert stats.cached_tokens_abs_error == sum(
+        abs(p - cached) for p, (_, cached) in zip(predicted, reported, strict=True)
+    )
+    assert stats.prompt_tokens == sum(prompt for prompt, _ in reported)
+
+
 async def test_short_uncached_prompts_skip_prefill_when_a_regular_worker_exists(pd_cluster: Any) -> None:
     cluster = await pd_cluster(prefill=1, decode=1, regular=1)
     forwarder = cluster.make(PDSettings(direct_below_tokens=64))
