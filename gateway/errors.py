@@ -134,10 +134,11 @@ def request_body_timeout(timeout_s: float) -> GatewayError:
     )
 
 
-def no_healthy_worker(model: str, retry_after_s: int) -> GatewayError:
+def no_healthy_worker(model: str, retry_after_s: int, *, server: str = "worker") -> GatewayError:
+    """None of the model's servers (or of its ``server`` kind: "prefill server"...) is healthy."""
     return GatewayError(
         503,
-        f"No healthy worker is serving model '{model}' right now; retry later",
+        f"No healthy {server} is serving model '{model}' right now; retry later",
         "server_error",
         code="no_healthy_worker",
         headers=(("retry-after", str(retry_after_s)),),
@@ -159,6 +160,17 @@ def upstream_failed(message: str, *, timeout: bool = False) -> GatewayError:
     if timeout:
         return GatewayError(504, message, "server_error", code="upstream_timeout")
     return GatewayError(502, message, "server_error", code="upstream_unavailable")
+
+
+def upstream_overloaded(message: str, retry_after_s: int) -> GatewayError:
+    """Every server tried answered 503 (SGLang's "too busy"): the client should come back later."""
+    return GatewayError(
+        503,
+        message,
+        "server_error",
+        code="upstream_overloaded",
+        headers=(("retry-after", str(retry_after_s)),),
+    )
 
 
 def internal_error(exc: BaseException) -> GatewayError:

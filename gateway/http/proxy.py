@@ -36,6 +36,7 @@ from gateway.errors import (
     no_model_yet,
     sse_error_event,
     upstream_failed,
+    upstream_overloaded,
 )
 from gateway.http._asgi import (
     ClientGone,
@@ -331,12 +332,9 @@ class Proxy:
                     excluded = excluded | {route.worker.url}
             assert failure is not None
             if failure.status == 503:
-                raise GatewayError(
-                    503,
+                raise upstream_overloaded(
                     f"All servers for model '{request.model}' are overloaded: {failure}",
-                    "server_error",
-                    code="upstream_overloaded",
-                    headers=(("retry-after", str(self._settings.retry_after_s)),),
+                    self._settings.retry_after_s,
                 )
             raise upstream_failed(f"No server could serve the request: {failure}", timeout=failure.timeout)
         except GatewayError as exc:
@@ -440,11 +438,9 @@ class Proxy:
         except UpstreamError as exc:
             # The whole body is buffered, so the client has still seen nothing: fail cleanly.
             self._metrics.upstream_failure(worker_url, _failure_kind(exc))
-            raise GatewayError(
-                504 if isinstance(exc, UpstreamTimeout) else 502,
+            raise upstream_failed(
                 f"{worker_url} failed while sending its response: {type(exc).__name__}: {exc}",
-                "server_error",
-                code="upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_unavailable",
+                timeout=isinstance(exc, UpstreamTimeout),
             ) from exc
         status = response.status
         exchange.status = status

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from backends.sglang import DEFAULT_BOOTSTRAP_PORT, Bootstrap, PdRequests, shape_pd_requests
-from gateway.errors import GatewayError, model_not_found, upstream_failed
+from gateway.errors import model_not_found, no_healthy_worker, upstream_failed, upstream_overloaded
 from gateway.http._relay import error_detail, is_event_stream, relay_stream, send_whole
 from gateway.http._usage import outcome_from_usage, usage_from_body
 from gateway.metrics import Metrics
@@ -410,12 +410,9 @@ class PDForwarder:
             )
             return False
         if failure.status == 503:
-            raise GatewayError(
-                503,
+            raise upstream_overloaded(
                 f"All PD servers for model '{request.model}' are overloaded: {failure}",
-                "server_error",
-                code="upstream_overloaded",
-                headers=(("retry-after", str(settings.retry_after_s)),),
+                settings.retry_after_s,
             )
         raise upstream_failed(
             f"No prefill/decode pair could serve the request: {failure}", timeout=failure.timeout
@@ -429,13 +426,7 @@ class PDForwarder:
         if self._settings.fallback_to_regular and self._has_regular(model):
             logger.warning("no healthy %s server for model %s: serving on regular workers", role.value, model)
             return False
-        raise GatewayError(
-            503,
-            f"No healthy {role.value} server is serving model '{model}' right now; retry later",
-            "server_error",
-            code="no_healthy_worker",
-            headers=(("retry-after", str(self._settings.retry_after_s)),),
-        )
+        raise no_healthy_worker(model, self._settings.retry_after_s, server=f"{role.value} server")
 
     async def _finish(self, router: PDRouterLike, route: Route[Any], outcome: Outcome) -> None:
         try:
