@@ -4,6 +4,10 @@ A fake prefill behaves like SGLang's: it waits until the decode of the same boot
 connected (the bootstrap queue), "prefills", publishes the room's KV and only then answers. A fake
 decode waits for its room's KV (up to 30 s, standing in for SGLang's 300 s) and then answers; it
 records when its client went away, so tests can check the gateway aborted it.
+
+Like SGLang, a prefill reports a prompt it has prefilled before as cached (all but the last token),
+and the decode reports the prefill's prompt and cached token counts (they travel with the KV): the
+gateway corrects its prefix index from them, so a stand-in reporting no hit would read as eviction.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class Hub:
     def __init__(self) -> None:
         self.decode_connected: dict[int, asyncio.Event] = {}
         self.kv_ready: dict[int, asyncio.Event] = {}
+        # room -> (prompt tokens, cached tokens) as the prefill counted them
+        self.kv_tokens: dict[int, tuple[int, int]] = {}
 
     def _event(self, table: dict[int, asyncio.Event], room: int) -> asyncio.Event:
         return table.setdefault(room, asyncio.Event())
@@ -62,7 +68,8 @@ class Hub:
             return True
         return False
 
-    def publish(self, room: int) -> None:
+    def publish(self, room: int, tokens: tuple[int, int] = (8, 0)) -> None:
+        self.kv_tokens[room] = tokens
         self._event(self.kv_ready, room).set()
 
     async def wait_kv(self, room: int) -> bool:
@@ -86,6 +93,8 @@ class FakeServer:
     answer_delay_s: float = 0.0
     received: list[Received] = field(default_factory=list)
     cancelled_at: list[float] = field(default_factory=list)
+    # Prompts this server has prefilled (its radix cache, with no eviction).
+    prefilled: set[bytes] = field(default_factory=set)
     url: str = ""
     runner: web.AppRunner | None = None
 
@@ -169,12 +178,16 @@ class FakeServer:
         if self.mode == "hang":
             await asyncio.sleep(3600)
         await asyncio.sleep(self.prefill_delay_s)
+        prompt = msgspec.json.encode([body.get(name) for name in ("messages", "prompt", "text", "input_ids")])
+        prompt_tokens = max(len(prompt) // 4, 1)
+        cached = prompt_tokens - 1 if prompt in self.prefilled else 0
+        self.prefilled.add(prompt)
         for room in rooms:
-            self.hub.publish(room)
+            self.hub.publish(room, (prompt_tokens, cached))
         meta: dict[str, Any] = {
             "finish_reason": {"type": "length", "length": 0},
-            "prompt_tokens": 8,
-            "cached_tokens": 0,
+            "prompt_tokens": prompt_tokens,
+            "cached_tokens": cached,
         }
         if body.get("return_logprob"):
             meta["input_token_logprobs"] = [[-1.0, 11, None], [-2.0, 12, None]]
@@ -210,17 +223,23 @@ class FakeServer:
                 {"object": "error", "message": "decode exploded", "code": 500}, status=500
             )
         await asyncio.sleep(self.answer_delay_s)
-        return await self._answer(request, body, first_token=5)
+        return await self._answer(request, body, first_token=5, tokens=self.hub.kv_tokens.get(rooms[0]))
 
     async def _answer(
-        self, request: web.Request, body: dict[str, Any], *, first_token: int
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        *,
+        first_token: int,
+        tokens: tuple[int, int] | None = None,
     ) -> web.StreamResponse:
+        prompt_tokens, cached_tokens = tokens if tokens is not None else (8, 3)
         meta: dict[str, Any] = {
             "id": "r1",
             "finish_reason": {"type": "length", "length": self.stream_chunks},
-            "prompt_tokens": 8,
+            "prompt_tokens": prompt_tokens,
             "completion_tokens": self.stream_chunks,
-            "cached_tokens": 3,
+            "cached_tokens": cached_tokens,
         }
         if body.get("return_logprob"):
             meta["input_token_logprobs"] = [[None, 5, None]]
@@ -237,7 +256,13 @@ class FakeServer:
                         "finish_reason": "length",
                     }
                 ],
-                "usage": {"prompt_tokens": 8, "completion_tokens": 4, "total_tokens": 12},
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": 4,
+                    "total_tokens": prompt_tokens + 4,
+                    # as with --enable-cache-report: only when something was cached
+                    "prompt_tokens_details": {"cached_tokens": cached_tokens} if cached_tokens else None,
+                },
             }
         if not body.get("stream"):
             return web.json_response(final)
