@@ -11,8 +11,12 @@ most once per request phase:
   fresh loads.
 - ``release`` (1 round trip): end the lease, publish index corrections, return updates and loads.
 
-So a request costs exactly 2 round trips. Lease renewal for long streams is one batched call per
-renewal interval for all of a replica's open leases, off the request path.
+So a request costs exactly 2 round trips. Off the request path, two batched calls keep the mirror
+fresh: lease renewal for long streams (one call per renewal interval for all of a replica's open
+leases) and, while the replica is routing, a pull of the other replicas' updates (``sync``) whenever
+no call has been made for ``sync_interval_s``. Without it a replica would decide on a mirror as old
+as its own last request: at a few requests per second per replica it sent the second request of a
+shared prefix elsewhere, because the replica that placed the first had not been heard from yet.
 
 If Redis is unreachable or slower than ``op_timeout_s``, the call is abandoned and the replica keeps
 routing on its local view: reservations become local-only leases, index updates queue in a bounded
@@ -99,11 +103,25 @@ class _Local:
 class _Shared:
     """Per-model replica state beyond the mirror: stream position, outbox, local-only load."""
 
-    __slots__ = ("last_event_id", "loads_synced_at", "local_load", "outbox", "pending_releases")
+    __slots__ = (
+        "calls_in_flight",
+        "last_call_at",
+        "last_event_id",
+        "last_used_at",
+        "loads_synced_at",
+        "local_load",
+        "outbox",
+        "pending_releases",
+    )
 
     def __init__(self) -> None:
         self.last_event_id = ""
         self.loads_synced_at = float("-inf")
+        # When a call last started (its reply brings the mirror up to that moment), how many are
+        # still out, and when this replica last routed a request of the model.
+        self.last_call_at = float("-inf")
+        self.calls_in_flight = 0
+        self.last_used_at = float("-inf")
         self.outbox: deque[tuple[bytes, str, bytes]] = deque(maxlen=_OUTBOX)
         self.pending_releases: deque[str] = deque(maxlen=_PENDING_RELEASES)
         # Load this replica counts on top of Redis's: local-only leases, reservations in flight.
@@ -122,6 +140,9 @@ class RedisStore:
         op_timeout_s: float = 0.1,
         retry_interval_s: float = 1.0,
         loads_sync_interval_s: float = 0.25,
+        sync_interval_s: float = 0.02,
+        sync_idle_after_s: float = 2.0,
+        sync_idle_interval_s: float = 1.0,
         max_events_per_call: int = 2000,
         stream_maxlen: int = 20_000,
         bootstrap_events: int = 20_000,
@@ -135,6 +156,12 @@ class RedisStore:
         self.op_timeout_s = op_timeout_s
         self.retry_interval_s = retry_interval_s
         self.loads_sync_interval_s = loads_sync_interval_s
+        # Pull others' updates when the mirror is this old, for this long after the last request
+        # routed here, then only at the idle interval (an idle replica costs Redis one small call
+        # a second); 0 turns the pull off.
+        self.sync_interval_s = sync_interval_s
+        self.sync_idle_after_s = sync_idle_after_s
+        self.sync_idle_interval_s = sync_idle_interval_s
         self.max_events_per_call = max_events_per_call
         self.stream_maxlen = stream_maxlen
         self.bootstrap_events = bootstrap_events
@@ -153,6 +180,7 @@ class RedisStore:
         self._up = False
         self._retry_at = float("-inf")
         self._resync_task: asyncio.Task[None] | None = None
+        self._sync_task: asyncio.Task[None] | None = None
         self.last_error = ""
         self.counters: dict[str, int] = {
             "calls": 0,
@@ -161,6 +189,7 @@ class RedisStore:
             "resyncs": 0,
             "events_applied": 0,
             "first_choice_taken": 0,
+            "background_syncs": 0,
         }
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -181,12 +210,16 @@ class RedisStore:
             self._up = True
         except (RedisError, OSError, TimeoutError):
             self._mark_down()
+        if self.sync_interval_s > 0 and self._sync_task is None:
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
 
     async def aclose(self) -> None:
-        task = self._resync_task
-        if task is not None:
+        tasks = [task for task in (self._sync_task, self._resync_task) if task is not None]
+        self._sync_task = self._resync_task = None
+        for task in tasks:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         if self._client is not None and self._owns_client:
             await self._client.aclose()
         self._client = None
@@ -226,6 +259,30 @@ class RedisStore:
             # First request for this model here: learn what other replicas indexed (once).
             await self._bootstrap(model)
         return state
+
+    async def _sync_loop(self) -> None:
+        """Pull other replicas' updates into the mirror whenever it is ``sync_interval_s`` old while
+        this replica routes (requests' own calls usually keep it fresher, and then this costs none);
+        once idle, only every ``sync_idle_interval_s``, so the first request after a lull decides on
+        a mirror at most that old."""
+        interval = self.sync_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            if not self._up:
+                continue  # the resync brings the mirror back when Redis returns
+            now = self._clock()
+            for model, shared in list(self._shared.items()):
+                idle = now - shared.last_used_at > self.sync_idle_after_s
+                due = max(interval, self.sync_idle_interval_s) if idle else interval
+                if shared.calls_in_flight or now - shared.last_call_at < due or not shared.last_event_id:
+                    continue
+                if not self._up:
+                    break
+                self.counters["background_syncs"] += 1
+                try:
+                    await self._call(model, "sync", [], want_all=self._want_all(model))
+                except Exception as exc:  # a bad reply must not end the pulls
+                    self.last_error = f"sync: {type(exc).__name__}: {exc}"
 
     def _shared_of(self, model: str) -> _Shared:
         self.model(model)
@@ -273,6 +330,8 @@ class RedisStore:
         for kind, label, blob in outbox:
             argv.extend((kind, label, blob))
         self.counters["calls"] += 1
+        shared.last_call_at = self._clock()
+        shared.calls_in_flight += 1
         try:
             async with asyncio.timeout(self.op_timeout_s):
                 reply: list[Any] = await self._script(keys=self._keys[model], args=argv)
@@ -283,6 +342,8 @@ class RedisStore:
             shared.outbox = outbox
             self._mark_down()
             return None
+        finally:
+            shared.calls_in_flight -= 1
         self._absorb(model, reply, want_all=want_all)
         return reply
 
@@ -341,6 +402,7 @@ class RedisStore:
         if not choices:
             raise ValueError("reserve needs at least one choice")
         state = await self.ready(model)
+        self._shared[model].last_used_at = self._clock()
         self._expire_local()
         lease_id = f"{self.origin}:{next(self._ids)}"
         if self._usable():

@@ -181,3 +181,40 @@ async def test_prefill_tokens_stop_counting_when_due(replicas: Callable[..., Any
     assert (two.model("m").loads[X].requests, two.model("m").loads[X].prefill_tokens) == (1, 0)
     await one.release(lease)
     assert (one.model("m").loads[X].requests, one.model("m").loads[X].prefill_tokens) == (0, 0)
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.005)
+    return True
+
+
+async def test_a_routing_replica_pulls_others_updates_without_a_call_of_its_own(
+    replicas: Callable[..., Any],
+) -> None:
+    placer = await replicas()
+    reader = await replicas(sync_interval_s=0.02)
+    await reader.release(await reader.reserve("m", [Choice(Y, 9)], prefill_tokens=1, blocks=[]))
+    calls = reader.counters["calls"]
+    lease = await placer.reserve("m", [Choice(X, 9)], prefill_tokens=700, blocks=[1, 2, 3])
+    # No request reaches the reader, yet its mirror learns the placement and the load: the next
+    # request it routes for this prefix decides on it.
+    assert await _until(lambda: bool(reader.model("m").index.match([1, 2, 3])))
+    assert [(m.target, m.blocks) for m in reader.model("m").index.match([1, 2, 3])] == [(X, 3)]
+    assert await _until(lambda: X in reader.model("m").loads and reader.model("m").loads[X].requests == 1)
+    assert reader.counters["background_syncs"] >= 1 and reader.counters["calls"] > calls
+    await placer.release(lease)
+
+
+async def test_an_idle_replica_pulls_only_at_the_idle_interval(replicas: Callable[..., Any]) -> None:
+    idle = await replicas(sync_interval_s=0.01, sync_idle_after_s=0.1, sync_idle_interval_s=0.5)
+    await idle.release(await idle.reserve("m", [Choice(Y, 9)], prefill_tokens=1, blocks=[]))
+    assert await _until(lambda: idle.counters["background_syncs"] >= 1)
+    await asyncio.sleep(0.15)  # past sync_idle_after_s
+    calls = idle.counters["calls"]
+    await asyncio.sleep(1.1)
+    # Routing, it would have pulled about a hundred times; idle, two or three.
+    assert 1 <= idle.counters["calls"] - calls <= 3
