@@ -4,8 +4,10 @@ import asyncio
 from collections import Counter
 from typing import Any
 
-from gateway.routing import Outcome, RoutingRequest, make_router
+from gateway.routing import Outcome, Router, RoutingRequest, make_router
 from gateway.routing.static import StaticRegistry, StaticWorker
+from gateway.state.redis_store import RedisStore
+from policies import get_policy
 
 SYSTEM = "Answer as a careful analyst. " * 150
 
@@ -75,3 +77,32 @@ async def test_a_burst_of_misses_across_replicas_spreads(redis_process: Any) -> 
     finally:
         for router in replicas:
             await router.aclose()
+
+
+async def test_a_prefix_hit_is_kept_when_another_replica_reserved_there_since_the_last_sync(
+    redis_process: Any,
+) -> None:
+    registry = cluster()
+    placer = make_router("prefix_aware", registry, redis_url=redis_process.url, seed=1)
+    # A replica that pulls only inside its own calls: its view of the load is one request behind.
+    stale = Router(
+        registry, RedisStore(redis_process.url, sync_interval_s=0), get_policy("prefix_aware"), seed=2
+    )
+    try:
+        first = await placer.route(chat("What changed in Q3?"))
+        await placer.finish(first, Outcome(ok=True, prompt_tokens=1200, cached_tokens=0))
+        warm = await stale.route(chat("And in Q4?"))
+        await stale.finish(warm, Outcome(ok=True, prompt_tokens=1200, cached_tokens=1100))
+        busy = await placer.route(chat("And in Q1?"))  # in flight on the prefix's target
+        assert busy.target == first.target
+        late = await stale.route(chat("And in Q2?"))
+        # Redis counts one request more there than this replica saw; a deep hit still beats a
+        # miss elsewhere, so the reservation keeps it instead of falling back to a cold target.
+        assert late.target == first.target
+        assert late.decision.predicted_cached_tokens > 900
+        assert stale.store.status()["counters"]["first_choice_taken"] == 0  # type: ignore[index]
+        await placer.finish(busy, Outcome(ok=True))
+        await stale.finish(late, Outcome(ok=True))
+    finally:
+        await placer.aclose()
+        await stale.aclose()
