@@ -6,21 +6,24 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Protocol
 
-from gateway.errors import GatewayError, bad_request, body_too_large, request_body_timeout
+from gateway.errors import GatewayError, bad_request, body_too_large, request_body_timeout, sse_error_event
 from gateway.telemetry import TRACE_HEADERS
 
 __all__ = [
     "ASGIApp",
+    "ClientFlags",
     "ClientGone",
     "Message",
     "Receive",
     "Scope",
     "Send",
     "encode_headers",
+    "fail_late",
     "read_body",
     "send_error",
     "send_response",
     "upstream_headers",
+    "watch_disconnect",
 ]
 
 Scope = MutableMapping[str, Any]
@@ -89,6 +92,47 @@ async def send_response(
 
 async def send_error(send: Send, error: GatewayError) -> None:
     await send_response(send, error.status, error.body(), encode_headers(error.headers))
+
+
+class ClientFlags(Protocol):
+    """Where one proxied request stands with its client (shared with its disconnect watcher)."""
+
+    started: bool  # the response head was sent
+    streaming: bool  # ... and it is a stream
+    completing: bool  # its last body message is being sent: a disconnect now changes nothing
+    disconnected: bool
+    status: int  # the status the client was answered with (0: none yet)
+
+
+async def watch_disconnect(receive: Receive, client: ClientFlags, task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` if the client goes away before its answer is complete (the upstream response
+    is closed on the way out, so the server aborts the request)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if not client.completing:
+                client.disconnected = True
+                task.cancel()
+            return
+
+
+async def fail_late(send: Send, client: ClientFlags, error: GatewayError) -> None:
+    """Tell the client of an error met while proxying: as an error response if nothing was sent yet,
+    as an SSE error event (and [DONE]) ending a stream in progress, not at all if it left."""
+    if client.disconnected:
+        return
+    if not client.started:
+        client.status = error.status
+        await send_error(send, error)
+    elif client.streaming and not client.completing:
+        client.completing = True
+        await send(
+            {
+                "type": "http.response.body",
+                "body": sse_error_event(error.message, error.type, error.code),
+                "more_body": False,
+            }
+        )
 
 
 def _content_length(scope: Scope) -> int | None:

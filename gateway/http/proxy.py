@@ -34,7 +34,6 @@ from gateway.errors import (
     model_not_found,
     no_healthy_worker,
     no_model_yet,
-    sse_error_event,
     upstream_failed,
     upstream_overloaded,
 )
@@ -43,9 +42,11 @@ from gateway.http._asgi import (
     Receive,
     Scope,
     Send,
+    fail_late,
     read_body,
     send_error,
     upstream_headers,
+    watch_disconnect,
 )
 from gateway.http._relay import error_detail, is_event_stream, relay_stream, send_whole
 from gateway.http._usage import outcome_from_usage, usage_from_body
@@ -212,7 +213,7 @@ class Proxy:
             return
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.get_running_loop().create_task(self._watch(receive, exchange, task))
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, exchange, task))
         try:
             await self._proxy(
                 endpoint=endpoint, scope=scope, request=request, body=body, send=send, exchange=exchange
@@ -223,39 +224,14 @@ class Proxy:
             task.uncancel()
         except Exception as exc:  # the catch-all: whatever broke, the client gets an answer
             logger.exception("unexpected error while proxying %s", scope["path"])
-            await self._fail_late(send, exchange, internal_error(exc))
+            await fail_late(send, exchange, internal_error(exc))
         finally:
             watcher.cancel()
-
-    @staticmethod
-    async def _watch(receive: Receive, exchange: _Exchange, task: asyncio.Task[Any]) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                if not exchange.completing:
-                    exchange.disconnected = True
-                    task.cancel()
-                return
 
     @staticmethod
     async def _send_error(send: Send, exchange: _Exchange, error: GatewayError) -> None:
         exchange.status = error.status
         await send_error(send, error)
-
-    async def _fail_late(self, send: Send, exchange: _Exchange, error: GatewayError) -> None:
-        if exchange.disconnected:
-            return
-        if not exchange.started:
-            await self._send_error(send, exchange, error)
-        elif exchange.streaming and not exchange.completing:
-            exchange.completing = True
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": sse_error_event(error.message, error.type, error.code),
-                    "more_body": False,
-                }
-            )
 
     async def _proxy(
         self,
@@ -339,7 +315,7 @@ class Proxy:
             raise upstream_failed(f"No server could serve the request: {failure}", timeout=failure.timeout)
         except GatewayError as exc:
             error = exc.message
-            await self._fail_late(send, exchange, exc)
+            await fail_late(send, exchange, exc)
         finally:
             if span is not None:
                 span.set(status=exchange.status or None)

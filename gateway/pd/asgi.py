@@ -16,14 +16,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from gateway.errors import (
     GatewayError,
     internal_error,
     method_not_allowed,
     no_model_yet,
-    sse_error_event,
 )
 from gateway.http._asgi import (
     ClientGone,
@@ -31,9 +30,11 @@ from gateway.http._asgi import (
     Receive,
     Scope,
     Send,
+    fail_late,
     read_body,
     send_error,
     upstream_headers,
+    watch_disconnect,
 )
 from gateway.http._views import decode_view
 from gateway.http.proxy import PROXIED_PATHS
@@ -51,13 +52,14 @@ class ProxyLike(Protocol):
 
 
 class _ClientState:
-    __slots__ = ("completing", "disconnected", "started", "streaming")
+    __slots__ = ("completing", "disconnected", "started", "status", "streaming")
 
     def __init__(self) -> None:
         self.started = False
         self.streaming = False
         self.completing = False
         self.disconnected = False
+        self.status = 0  # (the metrics take the status from _Answer, which sees every path's)
 
 
 class _Answer:
@@ -174,7 +176,7 @@ class PDProxy:
         client = _ClientState()
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.get_running_loop().create_task(self._watch(receive, client, task))
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, client, task))
         error: str | None = None
         handled = True
         try:
@@ -201,7 +203,7 @@ class PDProxy:
             except Exception as exc:  # whatever broke, the client gets an answer
                 logger.exception("unexpected error while serving %s over PD", scope["path"])
                 error = f"internal error: {type(exc).__name__}"
-                await self._fail_late(answer.send, client, internal_error(exc))
+                await fail_late(answer.send, client, internal_error(exc))
             finally:
                 metrics.in_flight -= 1
                 watcher.cancel()
@@ -233,29 +235,3 @@ class PDProxy:
             stats.ttft.observe(answer.first_byte_at - arrived)
         if 200 <= status < 300:
             stats.e2e.observe(self._clock() - arrived)
-
-    @staticmethod
-    async def _watch(receive: Receive, client: _ClientState, task: asyncio.Task[Any]) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                if not client.completing:
-                    client.disconnected = True
-                    task.cancel()
-                return
-
-    @staticmethod
-    async def _fail_late(send: Send, client: _ClientState, error: GatewayError) -> None:
-        if client.disconnected:
-            return
-        if not client.started:
-            await send_error(send, error)
-        elif client.streaming and not client.completing:
-            client.completing = True
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": sse_error_event(error.message, error.type, error.code),
-                    "more_body": False,
-                }
-            )
