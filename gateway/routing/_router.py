@@ -533,7 +533,11 @@ class Router(Generic[W]):
         self._live.add(route)
         open_here = self._open.setdefault(lease.target, OrderedDict())
         if lease.target == first:
-            route._settled_below = next(iter(open_here.values()), None)
+            # The oldest blocks there that may not be prefilled yet: recorded by this gateway's
+            # requests still open there, or by other gateways' requests lately.
+            own = next(iter(open_here.values()), None)
+            remote = self.store.unsettled_since(model, first)
+            route._settled_below = own if remote is None else remote if own is None else min(own, remote)
         if blocks.hashes and not unpinned:
             recorded = state.index.stamps(lease.target, blocks.hashes[:1])
             if recorded:

@@ -48,13 +48,34 @@ class Lease(msgspec.Struct):
 class ModelState:
     """One model's local state: the prefix index, in-flight loads, and a log of load changes."""
 
-    __slots__ = ("_changes", "_version", "index", "loads")
+    __slots__ = ("_changes", "_remote_records", "_version", "index", "loads")
 
     def __init__(self, default_budget_blocks: int) -> None:
         self.index = PrefixIndex(default_budget_blocks=default_budget_blocks)
         self.loads: dict[TargetKey, TargetLoad] = {}
         self._version = 0
         self._changes: deque[tuple[int, TargetKey]] = deque(maxlen=_CHANGE_LOG)
+        # Per target: (when, index stamp) of blocks other gateways recorded there, oldest first.
+        self._remote_records: dict[TargetKey, deque[tuple[float, int]]] = {}
+
+    def note_remote_record(self, target: TargetKey, stamp: int, at: float, window_s: float) -> None:
+        """Another gateway routed a request there: the blocks recorded at ``stamp`` may not be
+        prefilled yet."""
+        records = self._remote_records.get(target)
+        if records is None:
+            records = self._remote_records[target] = deque()
+        records.append((at, stamp))
+        while records[0][0] < at - window_s:
+            records.popleft()
+
+    def oldest_remote_record(self, target: TargetKey, now: float, window_s: float) -> int | None:
+        """The stamp of the oldest of those recorded within ``window_s`` before ``now``, if any."""
+        records = self._remote_records.get(target)
+        if not records:
+            return None
+        while records and records[0][0] < now - window_s:
+            records.popleft()
+        return records[0][1] if records else None
 
     @property
     def version(self) -> int:
@@ -157,6 +178,14 @@ class StateStore(Protocol):
 
     def forget_target(self, model: str, target: TargetKey) -> None:
         """The target flushed its cache or restarted: it holds nothing."""
+        ...
+
+    def unsettled_since(self, model: str, target: TargetKey) -> int | None:
+        """The oldest index stamp of blocks *another* gateway recorded on ``target`` recently enough
+        that its request may still be prefilling them (None if none; always None for a store only
+        this process writes). A shorter hit than predicted on those blocks is no evidence that the
+        server evicted them: SGLang schedules two requests of one new prefix in one batch without
+        a hit for either."""
         ...
 
     def status(self) -> Mapping[str, object]:

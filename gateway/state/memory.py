@@ -156,6 +156,9 @@ class MemoryStore:
     def forget_target(self, model: str, target: TargetKey) -> None:
         self.model(model).index.clear_target(target)
 
+    def unsettled_since(self, model: str, target: TargetKey) -> int | None:
+        return None  # only this process records: the Router tracks its own requests in flight
+
     def status(self) -> Mapping[str, object]:
         return {
             "store": self.name,

@@ -143,6 +143,7 @@ class RedisStore:
         sync_interval_s: float = 0.02,
         sync_idle_after_s: float = 2.0,
         sync_idle_interval_s: float = 1.0,
+        remote_settle_s: float = 5.0,
         max_events_per_call: int = 2000,
         stream_maxlen: int = 20_000,
         bootstrap_events: int = 20_000,
@@ -162,6 +163,8 @@ class RedisStore:
         self.sync_interval_s = sync_interval_s
         self.sync_idle_after_s = sync_idle_after_s
         self.sync_idle_interval_s = sync_idle_interval_s
+        # How long blocks another replica recorded count as possibly still being prefilled.
+        self.remote_settle_s = remote_settle_s
         self.max_events_per_call = max_events_per_call
         self.stream_maxlen = stream_maxlen
         self.bootstrap_events = bootstrap_events
@@ -356,12 +359,14 @@ class RedisStore:
             shared.last_event_id = last
         events = reply[3]
         index = state.index
+        now = self._clock()
         for position in range(0, len(events), 3):
             kind, label, blob = events[position], _text(events[position + 1]), events[position + 2]
             target = _target(label)
             hashes = _unpack(blob)
             if kind == b"r":
-                index.record(target, hashes)
+                stamp = index.record(target, hashes)
+                state.note_remote_record(target, stamp, now, self.remote_settle_s)
             else:
                 index.drop(target, hashes)
         self.counters["events_applied"] += len(events) // 3
@@ -518,6 +523,9 @@ class RedisStore:
         ttl_ms = int(self.lease_ttl_s * 1000)
         for model, ids in by_model.items():
             await self._call(model, "renew", [ttl_ms, len(ids), *ids], want_all=False)
+
+    def unsettled_since(self, model: str, target: TargetKey) -> int | None:
+        return self.model(model).oldest_remote_record(target, self._clock(), self.remote_settle_s)
 
     def forget_target(self, model: str, target: TargetKey) -> None:
         index = self.model(model).index

@@ -106,3 +106,37 @@ async def test_a_prefix_hit_is_kept_when_another_replica_reserved_there_since_th
     finally:
         await placer.aclose()
         await stale.aclose()
+
+
+async def test_no_hit_on_a_prefix_another_replica_is_still_prefilling_is_not_taken_as_eviction(
+    redis_process: Any,
+) -> None:
+    registry = cluster()
+    placer = make_router("prefix_aware", registry, redis_url=redis_process.url, seed=1)
+    reader = make_router("prefix_aware", registry, redis_url=redis_process.url, seed=2)
+    try:
+        warm = await reader.route(RoutingRequest(model="default", endpoint="generate", text="warm up " * 300))
+        await reader.finish(warm, Outcome(ok=True))
+        applied = reader.store.status()["counters"]["events_applied"]  # type: ignore[index]
+        first = await placer.route(chat("What changed in Q3?"))  # still prefilling
+        for _ in range(200):  # the reader's background pull brings the placement
+            if reader.store.status()["counters"]["events_applied"] > applied:  # type: ignore[index]
+                break
+            await asyncio.sleep(0.01)
+        second = await reader.route(chat("And in Q4?"))
+        assert second.target == first.target and second.decision.predicted_cached_tokens > 900
+        # SGLang scheduled both in one batch: neither found the prefix cached.
+        await reader.finish(
+            second, Outcome(ok=True, prompt_tokens=1200, cached_tokens=0, completion_tokens=8, ttft_s=0.2)
+        )
+        await placer.finish(
+            first, Outcome(ok=True, prompt_tokens=1200, cached_tokens=0, completion_tokens=8, ttft_s=0.2)
+        )
+        # No evidence of eviction: the reader still predicts the hit there, at full capacity.
+        third = await reader.route(chat("And in Q1?"))
+        assert third.target == first.target and third.decision.predicted_cached_tokens > 900
+        assert reader.status()["capacity_scale"] == {}
+        await reader.finish(third, Outcome(ok=True, prompt_tokens=1200, cached_tokens=1100))
+    finally:
+        await placer.aclose()
+        await reader.aclose()
