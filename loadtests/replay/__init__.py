@@ -6,11 +6,21 @@ from loadtests.replay.loop import RequestRecord, RequestTokens, oracle_hits, rep
 from loadtests.replay.oracle import OracleCache
 from loadtests.replay.report import Summary, markdown_table, summarize
 from loadtests.replay.routers import GatewayRouting, ReplayRouter, SglangReimplRouting, make_router
-from loadtests.replay.run import estimate_capacity_rps, run_policies
+from loadtests.replay.run import (
+    DEFAULT_LOAD_BASIS,
+    LOAD_BASES,
+    Capacity,
+    estimate_capacity,
+    estimate_capacity_rps,
+    run_policies,
+)
 from loadtests.replay.sglang_cache_aware import CacheAwareConfig, CharRadixTree, SglangCacheAware
 
 __all__ = [
+    "DEFAULT_LOAD_BASIS",
+    "LOAD_BASES",
     "CacheAwareConfig",
+    "Capacity",
     "CharRadixTree",
     "ClusterSpec",
     "GatewayRouting",
@@ -23,6 +33,7 @@ __all__ = [
     "SglangReimplRouting",
     "Speeds",
     "Summary",
+    "estimate_capacity",
     "estimate_capacity_rps",
     "make_router",
     "markdown_table",

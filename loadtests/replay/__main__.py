@@ -1,6 +1,8 @@
 """``python -m loadtests.replay``: routers side by side over a workload, in virtual time.
 
-Example (the shared-prefix benchmark at 80% of the round-robin capacity of 4 servers × DP 2):
+Example (the shared-prefix benchmark at 80% of the cache-aware capacity of 4 servers × DP 2, i.e.
+of this workload's saturated throughput when prefix_aware routes it; --load-basis round-robin for
+the round-robin one):
 
     python -m loadtests.replay --workload shared-prefix --groups 32 --prompts-per-group 16 --load 0.8 \
         --policies prefix_aware,least_load,round_robin,sglang_cache_aware
@@ -22,7 +24,7 @@ import msgspec
 from loadtests._provenance import code_state
 from loadtests.replay.cluster import ClusterSpec
 from loadtests.replay.report import markdown_table
-from loadtests.replay.run import estimate_capacity_rps, run_policies
+from loadtests.replay.run import Capacity, add_load_basis_arg, estimate_capacity, run_policies
 from loadtests.workloads.cli import add_workload_args, build_workload, describe
 
 DEFAULT_POLICIES = "prefix_aware,least_load,round_robin,random,sglang_cache_aware"
@@ -51,9 +53,10 @@ def _parser() -> argparse.ArgumentParser:
         "--load",
         type=float,
         default=None,
-        help="set the arrival rate to this fraction of the estimated round-robin capacity "
+        help="set the arrival rate to this fraction of the estimated capacity (see --load-basis) "
         "(shared-prefix and multi-round; mooncake: compresses time to reach it)",
     )
+    add_load_basis_arg(parser)
     parser.add_argument(
         "--speed-seeds",
         choices=("registry", "measured"),
@@ -64,6 +67,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-virtual-s", type=float, default=None)
     parser.add_argument("--out", type=Path, default=Path("loadtests/results"))
     return parser
+
+
+def _load_text(args: argparse.Namespace, capacity: Capacity | None) -> str:
+    if capacity is None:
+        return ""
+    return (
+        f"load {args.load:g} × {capacity.basis} capacity {capacity.rps:.2f} req/s "
+        f"(saturated burst under {capacity.policy}); "
+    )
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -79,8 +91,8 @@ async def _main(args: argparse.Namespace) -> int:
     capacity = None
     if args.load is not None:
         sample = list(build_workload(args))
-        capacity = await estimate_capacity_rps(sample, spec)
-        target_rps = args.load * capacity
+        capacity = await estimate_capacity(sample, spec, basis=args.load_basis)
+        target_rps = args.load * capacity.rps
         if args.workload == "shared-prefix":
             args.rate = target_rps
         elif args.workload == "multi-round":
@@ -90,7 +102,7 @@ async def _main(args: argparse.Namespace) -> int:
             trace_rps = len(sample) / max(span, 1e-9)
             args.time_scale *= trace_rps / target_rps
         print(
-            f"estimated capacity {capacity:.2f} req/s (round robin, burst); target {target_rps:.2f} req/s",
+            f"estimated capacity {capacity.describe()}; target {target_rps:.2f} req/s",
             file=sys.stderr,
         )
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -102,8 +114,9 @@ async def _main(args: argparse.Namespace) -> int:
     table = markdown_table(summaries)
     command = "python -m loadtests.replay " + " ".join(sys.argv[1:])
     header = (
-        f"Replay (virtual time, engine model `backends.sim.engine`): {describe(args)}; cluster "
-        f"{args.servers} servers × DP {args.dp_size}, preset {args.preset}{' +MTP' if args.mtp else ''}, "
+        f"Replay (virtual time, engine model `backends.sim.engine`): {describe(args)}; "
+        f"{_load_text(args, capacity)}cluster {args.servers} servers × DP {args.dp_size}, "
+        f"preset {args.preset}{' +MTP' if args.mtp else ''}, "
         f"speed seeds {args.speed_seeds}. "
         f"sglang_cache_aware(reimpl) is a re-implementation of sglang-router's documented algorithm, "
         f"not the binary."
@@ -118,7 +131,10 @@ async def _main(args: argparse.Namespace) -> int:
         "command": command,
         "workload": describe(args),
         "cluster": msgspec.to_builtins(spec),
-        "capacity_rps_estimate": capacity,
+        "load": args.load,
+        "load_basis": args.load_basis if capacity is not None else None,
+        "capacity_rps_estimate": capacity.rps if capacity is not None else None,
+        "capacity": msgspec.to_builtins(capacity) if capacity is not None else None,
         "machine": {
             "node": platform.node(),
             "machine": platform.machine(),

@@ -33,7 +33,7 @@ from loadtests._provenance import code_state
 from loadtests.replay.cluster import ClusterSpec
 from loadtests.replay.loop import oracle_hits
 from loadtests.replay.report import Summary, markdown_table, summarize
-from loadtests.replay.run import estimate_capacity_rps
+from loadtests.replay.run import add_load_basis_arg, estimate_capacity
 from loadtests.routing_bench.client import HttpRecord, run_open_loop
 from loadtests.routing_bench.metrics import scrape_counters
 from loadtests.routing_bench.procs import (
@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sim-time-scale", dest="sim_time_scale", type=float, default=1.0,
                         help="simulator time scale: real seconds per modelled second")  # fmt: skip
     parser.add_argument("--load", type=float, default=None,
-                        help="arrival rate: this fraction of the modelled round-robin capacity")  # fmt: skip
+                        help="arrival rate: this fraction of the capacity (--load-basis)")  # fmt: skip
+    add_load_basis_arg(parser)
     parser.add_argument("--max-requests", type=int, default=400, help="cap on requests per system")
     parser.add_argument("--deadline-s", type=float, default=180.0, help="stop sending after this per system")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="per-request timeout")
@@ -139,13 +140,14 @@ async def _main(args: argparse.Namespace) -> int:
     capacity_virtual = None
     if args.load is not None:
         sample = list(build_workload(args))[: args.max_requests]
-        capacity_virtual = await estimate_capacity_rps(sample, spec)
+        capacity = await estimate_capacity(sample, spec, basis=args.load_basis)
+        capacity_virtual = capacity.rps
         real_rps = args.load * capacity_virtual / max(args.sim_time_scale, 1e-9)
         args.rate = real_rps if args.workload == "shared-prefix" else real_rps / max(args.rounds, 1)
         if args.workload == "mooncake":
             span = max(r.arrival_s for r in sample) - min(r.arrival_s for r in sample)
             args.time_scale *= (len(sample) / max(span, 1e-9)) / real_rps
-        print(f"engine-model capacity {capacity_virtual:.2f} req/s (modelled time); sending {real_rps:.2f} "
+        print(f"engine-model capacity {capacity.describe()} (modelled time); sending {real_rps:.2f} "
               f"req/s real (sim time scale {args.sim_time_scale})", file=sys.stderr)  # fmt: skip
     requests: list[BenchRequest] = list(build_workload(args))[: args.max_requests]
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -223,6 +225,7 @@ async def _main(args: argparse.Namespace) -> int:
         "workload": describe(args),
         "requests": len(requests),
         "capacity_rps_modelled": capacity_virtual,
+        "load_basis": args.load_basis if capacity_virtual is not None else None,
         "sim_time_scale": args.sim_time_scale,
         "machine": {
             "node": platform.node(),
