@@ -11,6 +11,8 @@ from __future__ import annotations
 from policies.types import RequestFeatures, TargetView
 
 __all__ = [
+    "estimate",
+    "prefill_s",
     "queue_wait_s",
     "queued_prefill_tokens",
     "running_requests",
@@ -59,6 +61,11 @@ def uncached_tokens(features: RequestFeatures, target: TargetView) -> int:
     return max(features.prompt_tokens - cached, 1)
 
 
+def prefill_s(features: RequestFeatures, target: TargetView) -> float:
+    """Seconds this request's own uncached part takes to prefill on ``target``."""
+    return uncached_tokens(features, target) / max(target.prefill_tokens_per_s, _MIN_PREFILL_TOKENS_PER_S)
+
+
 def score_s(
     features: RequestFeatures, target: TargetView, work_weight: float, stall_weight: float = 0.0
 ) -> float:
@@ -85,6 +92,31 @@ def score_s(
     if running > 0:
         seconds += 0.5 * target.decode_step_s
     return seconds
+
+
+def estimate(
+    features: RequestFeatures, target: TargetView, work_weight: float, stall_weight: float
+) -> tuple[float, float, float, int]:
+    """``(score_s, queue_wait_s, prefill_s, running_requests)`` of ``features`` on ``target`` in one
+    pass (the policy needs all four for every candidate; separate calls cost twice as much)."""
+    speed = max(target.prefill_tokens_per_s, _MIN_PREFILL_TOKENS_PER_S)
+    queued = target.inflight_prefill_tokens
+    reported = target.reported_waiting_tokens
+    if reported is not None and reported > queued:
+        queued = reported
+    prompt = features.prompt_tokens
+    cached = target.predicted_cached_tokens
+    if cached > prompt - 1:
+        cached = prompt - 1 if prompt > 0 else 0
+    uncached = max(prompt - cached, 1)
+    running = target.inflight_requests
+    reported_running = (target.reported_running or 0) + (target.reported_waiting or 0)
+    running = max(running, reported_running)
+    wait = queued / speed
+    if running > 0:
+        wait += 0.5 * target.decode_step_s
+    prefill = uncached / speed
+    return wait + (1.0 + work_weight + stall_weight * running) * prefill, wait, prefill, running
 
 
 def ttft_s(features: RequestFeatures, target: TargetView) -> float:

@@ -7,7 +7,7 @@ import msgspec
 import pytest
 
 from policies import UnknownPolicy, cost, get_policy, policy_names
-from policies.pieces import MatchedPlusSample, TtftScorer
+from policies.pieces import MatchedPlusSample, QueueGuard, TtftScorer
 from policies.prefix_aware import PrefixAware
 from policies.types import NoTarget, RequestFeatures, Role, Snapshot, TargetKey, TargetView
 
@@ -217,3 +217,76 @@ def test_prefix_aware_sends_a_new_conversation_where_few_decode() -> None:
     assert get_policy("prefix_aware").decide(features, snapshot, rng).target.worker == "c"
     myopic = PrefixAware(scorer=TtftScorer(stall_weight=0.0))
     assert myopic.decide(features, snapshot, rng).target.worker in {"a", "b"}
+
+
+def _herd_cluster() -> tuple[TargetView, ...]:
+    # The shared-prefix replay at 0.8 of cache-aware capacity: every target decodes ~25 requests;
+    # "a" decodes six fewer but one cold prompt is already queued there (a miss routed just before).
+    return (
+        view("a", inflight_requests=20, reported_running=19, inflight_prefill_tokens=3500),
+        view("b", inflight_requests=26, reported_running=26),
+        view("c", inflight_requests=26, reported_running=26),
+    )
+
+
+def test_prefix_aware_does_not_queue_a_miss_behind_another_to_spare_decoders() -> None:
+    # A second cold miss: on a it waits 0.35 s behind the first one's prefill (TTFT 0.71 s), on b or
+    # c it starts at once (0.36 s). The stall term alone (6 fewer decoders × 0.35 s) prefers a;
+    # the queue guard refuses to buy queue wait with it.
+    snapshot = Snapshot(_herd_cluster())
+    decision = get_policy("prefix_aware").decide(FEATURES, snapshot, random.Random(0))
+    assert decision.target.worker in {"b", "c"}
+    assert "1 behind a longer queue" in decision.reason
+    unguarded = PrefixAware(guard=None)
+    assert unguarded.decide(FEATURES, snapshot, random.Random(0)).target.worker == "a"
+    assert QueueGuard().keep(FEATURES, snapshot, [0, 1, 2]) == [1, 2]
+
+
+def test_queue_guard_keeps_a_hit_whose_savings_pay_for_its_queue() -> None:
+    # b: 3,000 of 3,500 tokens cached behind 0.4 s of queue (TTFT 0.46 s); a and c: misses with no
+    # queue (TTFT 0.36 s, the best). The 0.3 s of prefill b saves would also have stalled a's two
+    # decoders: the scorer counts it (1 + work 1 + stall 1 × 2 running) = 4 times, 1.2 s, so b's
+    # extra 0.4 s of wait is paid for, the guard keeps it and the scorer picks it.
+    busy = {"inflight_requests": 2, "reported_running": 2}
+    targets = (
+        view("a", **busy),
+        view("b", predicted_cached_tokens=3000, inflight_prefill_tokens=4000, **busy),
+        view("c", **busy),
+    )
+    snapshot = Snapshot(targets)
+    assert QueueGuard().keep(FEATURES, snapshot, [0, 1, 2]) == [0, 1, 2]
+    decision = get_policy("prefix_aware").decide(FEATURES, snapshot, random.Random(0))
+    assert decision.target.worker == "b"
+    # Behind 1.3 s of queue (more than the 1.2 s its savings are worth) the hit is refused, but it
+    # stays the last fallback.
+    deeper = (targets[0], msgspec.structs.replace(targets[1], inflight_prefill_tokens=13_000), targets[2])
+    assert QueueGuard().keep(FEATURES, Snapshot(deeper), [0, 1, 2]) == [0, 2]
+    decision = get_policy("prefix_aware").decide(FEATURES, Snapshot(deeper), random.Random(0))
+    assert decision.target.worker in {"a", "c"}
+    assert decision.alternatives[-1].worker == "b"
+    # The new-conversation case: an idle cold target has no longer a queue, so it is always kept.
+    new_chat = RequestFeatures(model="m", prompt_tokens=3200)
+    assert QueueGuard().keep(new_chat, Snapshot(_chat_cluster(2048)), [0, 1, 2]) == [0, 1, 2]
+
+
+def test_one_pass_estimate_matches_the_separate_definitions() -> None:
+    rng = random.Random(9)
+    for _ in range(500):
+        target = view(
+            "t",
+            prefill_tokens_per_s=rng.choice([0.0, 800.0, 12_000.0]),
+            decode_step_s=rng.random() / 10,
+            inflight_requests=rng.randint(0, 3),
+            inflight_prefill_tokens=rng.randint(0, 9000),
+            reported_waiting=rng.choice([None, 0, 4]),
+            reported_running=rng.choice([None, 0, 7]),
+            reported_waiting_tokens=rng.choice([None, 0, 5000]),
+            predicted_cached_tokens=rng.randint(0, 5000),
+        )
+        features = RequestFeatures(model="m", prompt_tokens=rng.randint(0, 4000))
+        score, wait, prefill, running = cost.estimate(features, target, 0.7, 0.5)
+        assert score == pytest.approx(cost.score_s(features, target, 0.7, 0.5))
+        assert wait == pytest.approx(cost.queue_wait_s(target))
+        assert prefill == pytest.approx(cost.prefill_s(features, target))
+        assert running == cost.running_requests(target)
+        assert wait + prefill == pytest.approx(cost.ttft_s(features, target))
