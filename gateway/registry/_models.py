@@ -6,11 +6,12 @@ import msgspec
 
 from policies.types import Role, TargetKey
 
-# Speed seeds used until something better is known (the server advertises its own, or routing
-# measures them online). Decode: DeepSeek-V3 is memory-bandwidth bound, one step cannot beat
-# 37 GB of active FP8 weights at 1979 GB/s, i.e. 1/53.5 s. Prefill: LMSYS's DeepSeek-V3 deployment
-# on H100 nodes (May 2025) reports 52.3k input tokens/s per 8-GPU prefill node; a node's DP ranks
-# share it.
+# Speed seeds used until something better is known (a server advertises its own — the simulator
+# can, SGLang does not — or they are measured: the decode step from /v1/loads by the registry, the
+# prefill speed from observed TTFTs by the Router). Decode: DeepSeek-V3 is memory-bandwidth
+# bound, one step cannot beat 37 GB of active FP8 weights at 1979 GB/s, i.e. 1/53.5 s. Prefill:
+# LMSYS's DeepSeek-V3 deployment on H100 nodes (May 2025) reports 52.3k input tokens/s per 8-GPU
+# prefill node; a node's DP ranks share it.
 DEFAULT_DECODE_STEP_S = 1.0 / 53.5
 DEFAULT_NODE_PREFILL_TOKENS_PER_S = 52_300.0
 # SGLang's KV capacity is unknown before discovery; this only matters for undiscovered (hence
@@ -70,6 +71,9 @@ class ReportedLoad(msgspec.Struct, frozen=True):
     waiting_uncached_tokens: int | None = None
     gen_throughput: float | None = None
     cache_hit_rate: float | None = None
+    # The rank's decode step measured from its reports (running / gen_throughput, smoothed; see
+    # gateway.registry._speeds); None until a running batch has been seen. Not aged: a speed.
+    decode_step_s: float | None = None
 
     @property
     def age(self) -> float:

@@ -14,6 +14,7 @@ from backends.sglang import RankLoadReport, dialect, parse_get_load, parse_v1_lo
 from gateway.registry._discovery import DiscoveryError, GatewaySaturated, discover, http_get, undiscovered
 from gateway.registry._health import HealthTracker
 from gateway.registry._models import ReportedLoad, Worker, WorkerSpec, normalise_url
+from gateway.registry._speeds import DecodeStepEstimate
 from gateway.upstream import Transport
 from policies.types import Role, TargetKey
 
@@ -25,7 +26,7 @@ _LOAD_PATHS = ("/v1/loads", "/get_load")
 class _Entry:
     """Mutable bookkeeping for one server; the Worker it exposes is immutable and swapped on change."""
 
-    __slots__ = ("health", "load_path", "loads", "spec", "tasks", "worker")
+    __slots__ = ("health", "load_path", "loads", "spec", "steps", "tasks", "worker")
 
     def __init__(self, spec: WorkerSpec, tracker: HealthTracker) -> None:
         self.spec = spec
@@ -33,6 +34,8 @@ class _Entry:
         self.health = tracker
         self.load_path: str | None = None
         self.loads: dict[int, tuple[RankLoadReport, float]] = {}
+        # Per DP rank: the decode step measured from its load reports.
+        self.steps: dict[int, DecodeStepEstimate] = {}
         self.tasks: list[asyncio.Task[None]] = []
 
 
@@ -43,7 +46,8 @@ class WorkerRegistry:
     and is retried every health interval), then keeps two loops per server: health checks
     (``GET /health``; ``fail_threshold`` failures in a row take it out, ``recover_threshold``
     successes bring it back, re-discovered in case it restarted with new settings) and load polling
-    (``/v1/loads`` or ``/get_load`` by version, whichever exists).
+    (``/v1/loads`` or ``/get_load`` by version, whichever exists), from which each rank's decode
+    step is measured (``ReportedLoad.decode_step_s``, gateway.registry._speeds).
     """
 
     def __init__(
@@ -168,6 +172,7 @@ class WorkerRegistry:
         if found is None:
             return None
         report, received_at = found
+        step = entry.steps.get(target.dp_rank)
         return ReportedLoad(
             waiting=report.waiting,
             running=report.running,
@@ -177,6 +182,7 @@ class WorkerRegistry:
             waiting_uncached_tokens=report.waiting_uncached_tokens,
             gen_throughput=report.gen_throughput,
             cache_hit_rate=report.cache_hit_rate,
+            decode_step_s=step.step_s if step is not None else None,
         )
 
     # --- changes at run time ---------------------------------------------------------------
@@ -251,6 +257,7 @@ class WorkerRegistry:
                 entry.worker = msgspec.structs.replace(
                     await discover(entry.spec, self._transport, self._timeout_s), healthy=False
                 )
+                entry.steps = {}  # a restart may have changed what a step costs (MTP, hardware)
                 self._changed()
             except GatewaySaturated:
                 return
@@ -315,6 +322,11 @@ class WorkerRegistry:
             entry.load_path = path
             now = self._clock()
             entry.loads = {report.dp_rank: (report, now) for report in reports}
+            for report in reports:
+                step = entry.steps.get(report.dp_rank)
+                if step is None:
+                    step = entry.steps[report.dp_rank] = DecodeStepEstimate()
+                step.observe(report.running, report.gen_throughput, worker.decode_step_s)
             return True
         return False
 

@@ -55,6 +55,19 @@ _PREFILL_MARGIN = 1.5
 # At most this many requests other replicas may add to a choice before it counts as taken.
 _MAX_HEADROOM = 8
 _PREFILL_SLACK_S = 0.0
+# Prefill speed learned from observed TTFTs (see Router._learn_prefill_speed): a sample moves the
+# estimate by alpha × its log-ratio to it, that ratio clamped to 2× — so one sample moves it by at
+# most 2^0.2 ≈ 1.15×, and a speed 4× off the seed is reached in about 15 clean samples.
+_SPEED_ALPHA = 0.2
+_SPEED_MAX_PULL = math.log(2.0)
+_SPEED_RANGE = (100.0, 10_000_000.0)
+# A sample needs this many uncached prompt tokens: the prefill then takes tens of milliseconds or
+# more, against about a millisecond of gateway and network time (and the engine's fixed cost per
+# forward pass weighs less: on the simulator's H200 preset 500 tokens prefill at 11k tokens/s, 4,000
+# at 35k).
+_SPEED_MIN_UNCACHED = 1024
+# Route times kept per target (a power of two) to tell whether another request joined a prefill.
+_ARRIVALS = 16
 
 
 class WorkerLike(Protocol):
@@ -118,11 +131,15 @@ class Route(Generic[W]):
 
     __slots__ = (
         "__weakref__",
+        "_arrival",
         "_blocks",
+        "_decode_wait_s",
         "_finished",
         "_lease",
         "_predicted_blocks",
         "_prior_stamps",
+        "_quiet",
+        "_routed_at",
         "_settled_below",
         "decision",
         "dp_rank",
@@ -154,6 +171,13 @@ class Route(Generic[W]):
         # this one was routed: the server may not have cached them yet (no evidence of eviction).
         self._settled_below: int | None = None
         self._finished = False
+        # For learning the target's prefill speed from this request's TTFT: whether nothing was
+        # queued ahead of it when routed, when that was, its arrival number on the target, and the
+        # wait for a running decode step the cost model adds there.
+        self._quiet = False
+        self._routed_at = 0.0
+        self._arrival = 0
+        self._decode_wait_s = 0.0
 
     @property
     def target(self) -> TargetKey:
@@ -196,6 +220,28 @@ def _attr_float(load: Any, *names: str) -> float | None:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     return None
+
+
+class _Arrivals:
+    """The last ``_ARRIVALS`` route times on one target, numbered: ``times[n % _ARRIVALS]`` is
+    when the n-th request was routed there."""
+
+    __slots__ = ("count", "times")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.times = [0.0] * _ARRIVALS
+
+
+class _Speed:
+    """A worker's learned prefill speed (tokens/s per DP rank) and the samples behind it."""
+
+    __slots__ = ("samples", "seed", "tokens_per_s")
+
+    def __init__(self, seed: float) -> None:
+        self.seed = seed
+        self.tokens_per_s = seed
+        self.samples = 0
 
 
 def _spread_by_server(req: RoutingRequest, batch: int, role: Role) -> bool:
@@ -251,7 +297,10 @@ class Router(Generic[W]):
         decisions_kept: int = 1024,
         clock: Callable[[], float] = time.monotonic,
         role: Role = Role.REGULAR,
+        learn_speeds: bool = True,
     ) -> None:
+        """``learn_speeds``: measure each worker's prefill speed from the TTFTs it delivers (else
+        the registry's speeds are used as they are)."""
         self.registry = registry
         self.store = store
         self.policy = policy
@@ -269,6 +318,11 @@ class Router(Generic[W]):
         self._decisions: deque[dict[str, Any]] = deque(maxlen=decisions_kept)
         self._bytes_per_token: dict[str, float] = {}  # per worker URL, and per model under "model:"
         self._capacity_scale: dict[TargetKey, float] = {}
+        self._learn_speeds = learn_speeds
+        self._speeds: dict[str, _Speed] = {}  # per worker URL
+        self._arrivals: dict[TargetKey, _Arrivals] = {}
+        # Finished requests that taught the prefill speed nothing, by why (admin status).
+        self._speed_skipped = {"no_report": 0, "queued": 0, "short": 0, "joined": 0}
         self._live: weakref.WeakSet[Route[W]] = weakref.WeakSet()
         # Per target, this Router's requests in flight there: route id -> stamp of its record, in
         # routing order (so the first is the oldest).
@@ -357,6 +411,9 @@ class Router(Generic[W]):
     def _view(self, worker: W, key: TargetKey, state: ModelState) -> TargetView:
         load = state.loads.get(key)
         reported = self.registry.reported_load(key)
+        # Speeds: measured ones over the registry's seeds (a stale report's step is still a speed).
+        step = _attr_float(reported, "decode_step_s")
+        learned = self._speeds.get(worker.url)
         age = _attr_float(reported, "age_s")
         if age is not None and age > self._reported_max_age:
             reported = None  # the server stopped answering load polls; its last word is stale
@@ -365,8 +422,8 @@ class Router(Generic[W]):
             role=worker.role,
             dp_size=worker.dp_size,
             capacity_tokens=worker.max_total_num_tokens,
-            prefill_tokens_per_s=worker.prefill_tokens_per_s,
-            decode_step_s=worker.decode_step_s,
+            prefill_tokens_per_s=worker.prefill_tokens_per_s if learned is None else learned.tokens_per_s,
+            decode_step_s=worker.decode_step_s if step is None or step <= 0 else step,
             inflight_requests=load.requests if load is not None else 0,
             inflight_prefill_tokens=load.prefill_tokens if load is not None else 0,
             reported_waiting=_attr_int(reported, "num_waiting_reqs", "waiting"),
@@ -531,6 +588,8 @@ class Router(Generic[W]):
             prior_stamps=prior_stamps if lease.target == first and not unpinned else (),
         )
         self._live.add(route)
+        if self._learn_speeds:
+            self._note_arrival(route, by_key[lease.target], batch == 1 and lease.choice == 0)
         open_here = self._open.setdefault(lease.target, OrderedDict())
         if lease.target == first:
             # The oldest blocks there that may not be prefilled yet: recorded by this gateway's
@@ -557,6 +616,63 @@ class Router(Generic[W]):
         )
         self._maybe_renew()
         return route
+
+    def _note_arrival(self, route: Route[W], view: TargetView, single: bool) -> None:
+        """Number this request among those routed to its target, and note whether anything was
+        queued ahead of it there (then its TTFT says nothing about the target's speed)."""
+        target = route._lease.target
+        arrivals = self._arrivals.get(target)
+        if arrivals is None:
+            arrivals = self._arrivals[target] = _Arrivals()
+        now = self._clock()
+        arrivals.count += 1
+        arrivals.times[arrivals.count % _ARRIVALS] = now
+        route._arrival = arrivals.count
+        route._routed_at = now
+        route._quiet = single and cost.queued_prefill_tokens(view) == 0 and not view.reported_waiting
+        if cost.running_requests(view) > 0:
+            route._decode_wait_s = 0.5 * view.decode_step_s
+
+    def _learn_prefill_speed(self, route: Route[W], outcome: Outcome) -> None:
+        """One finished request's evidence of its worker's prefill speed (tokens/s per rank).
+
+        Informative only if nothing was queued ahead of it when routed (leases and the server's
+        last report), nothing joined it on that target before its first token (SGLang would have
+        prefilled them in one batch, and each TTFT would read as a slower target), and it had at
+        least 1,024 uncached tokens. Then speed ≈ uncached / (TTFT − the decode-step wait the cost
+        model adds when a batch runs). Chunked prefill needs nothing special: SGLang runs a long
+        prompt's chunks back to back (the decode batch waits), so the ratio is the chunk rate, the
+        rate queued tokens drain at too. A busy target thus teaches nothing rather than too low a
+        speed; what the checks cannot see (another gateway replica's or client's request landing
+        alongside, a DP-attention peer rank prefilling) is bounded by the clamped step.
+        """
+        ttft = outcome.ttft_s
+        prompt = outcome.prompt_tokens
+        cached = outcome.cached_tokens
+        if ttft is None or ttft <= 0 or prompt is None or cached is None:
+            self._speed_skipped["no_report"] += 1
+            return
+        uncached = prompt - cached
+        if uncached < _SPEED_MIN_UNCACHED:
+            self._speed_skipped["short"] += 1
+            return
+        arrivals = self._arrivals.get(route._lease.target)
+        if arrivals is not None and arrivals.count != route._arrival:
+            joined_at = arrivals.times[(route._arrival + 1) % _ARRIVALS]
+            if arrivals.count - route._arrival >= _ARRIVALS or joined_at < route._routed_at + ttft:
+                self._speed_skipped["joined"] += 1
+                return
+        seconds = max(ttft - route._decode_wait_s, 0.5 * ttft)
+        worker = route.worker
+        speed = self._speeds.get(worker.url)
+        if speed is None:
+            speed = self._speeds[worker.url] = _Speed(worker.prefill_tokens_per_s)
+        old = speed.tokens_per_s
+        pull = math.log(uncached / seconds / old)
+        pull = min(max(pull, -_SPEED_MAX_PULL), _SPEED_MAX_PULL)
+        low, high = _SPEED_RANGE
+        speed.tokens_per_s = min(max(old * math.exp(_SPEED_ALPHA * pull), low), high)
+        speed.samples += 1
 
     def _maybe_renew(self) -> None:
         """Renew open leases when the renewal interval has passed on the Router's clock (which may
@@ -590,6 +706,10 @@ class Router(Generic[W]):
             return
         route._finished = True
         self._live.discard(route)
+        if route._quiet and outcome.ok:
+            self._learn_prefill_speed(route, outcome)
+        elif self._learn_speeds and outcome.ok:
+            self._speed_skipped["queued"] += 1
         open_here = self._open.get(route._lease.target)
         if open_here is not None:
             open_here.pop(id(route), None)
@@ -646,7 +766,7 @@ class Router(Generic[W]):
 
     def status(self) -> dict[str, Any]:
         """Routing state for the admin API: the policy, the store's health and counters, and what
-        the Router has learned (bytes per token, shrunken cache-capacity estimates)."""
+        the Router has learned (bytes per token, shrunken cache-capacity estimates, speeds)."""
         return {
             "policy": self.policy.name,
             "store": dict(self.store.status()),
@@ -658,7 +778,33 @@ class Router(Generic[W]):
                 for target, scale in self._capacity_scale.items()
                 if scale < 1.0
             },
+            "speeds": self.speeds(),
+            "prefill_speed_learning": {
+                "learning": self._learn_speeds,
+                "workers": {
+                    url: {
+                        "prefill_tokens_per_s": round(speed.tokens_per_s, 1),
+                        "seed_tokens_per_s": round(speed.seed, 1),
+                        "samples": speed.samples,
+                    }
+                    for url, speed in self._speeds.items()
+                },
+                "skipped": dict(self._speed_skipped),
+            },
         }
+
+    def speeds(self) -> dict[str, dict[str, float]]:
+        """Per target (``url@rank``): the speeds routing decides with now — prefill tokens/s (learned
+        from TTFTs, else the registry's seed) and decode step seconds (measured from the server's
+        load reports, else the seed) — as of the last view rebuild (at most 0.25 s old)."""
+        out: dict[str, dict[str, float]] = {}
+        for table in self._tables.values():
+            for view in table.base:
+                out[view.key.label()] = {
+                    "prefill_tokens_per_s": round(view.prefill_tokens_per_s, 1),
+                    "decode_step_s": round(view.decode_step_s, 5),
+                }
+        return out
 
     def recent_decisions(self, limit: int) -> list[dict[str, Any]]:
         if limit <= 0:
