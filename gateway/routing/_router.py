@@ -66,8 +66,17 @@ _SPEED_RANGE = (100.0, 10_000_000.0)
 # forward pass weighs less: on the simulator's H200 preset 500 tokens prefill at 11k tokens/s, 4,000
 # at 35k).
 _SPEED_MIN_UNCACHED = 1024
-# Route times kept per target (a power of two) to tell whether another request joined a prefill.
-_ARRIVALS = 16
+# A request routed to the same target after this one spoils its sample only if SGLang may have
+# prefilled the two in one batch: if it arrived before this one's prefill started (within a decode
+# step, if one was running, plus this much for the trip to the server), or at any time before the
+# first token when this prompt is longer than one chunk (later chunks share their batch).
+_JOIN_SLACK_S = 0.01
+# SGLang's default --chunked-prefill-size on GPUs over 80 GB; divided by dp_size under DP attention.
+_CHUNK_TOKENS = 8192
+
+
+# The next-arrival cell of a Route that is not learning from (never written).
+_NEVER = [math.inf]
 
 
 class WorkerLike(Protocol):
@@ -131,11 +140,11 @@ class Route(Generic[W]):
 
     __slots__ = (
         "__weakref__",
-        "_arrival",
         "_blocks",
         "_decode_wait_s",
         "_finished",
         "_lease",
+        "_next_arrival",
         "_predicted_blocks",
         "_prior_stamps",
         "_quiet",
@@ -172,11 +181,12 @@ class Route(Generic[W]):
         self._settled_below: int | None = None
         self._finished = False
         # For learning the target's prefill speed from this request's TTFT: whether nothing was
-        # queued ahead of it when routed, when that was, its arrival number on the target, and the
-        # wait for a running decode step the cost model adds there.
+        # queued ahead of it when routed, when that was, when the next request was routed to the
+        # same target (set then; a cell the Router holds instead of the Route), and the wait for a
+        # running decode step the cost model adds there.
         self._quiet = False
         self._routed_at = 0.0
-        self._arrival = 0
+        self._next_arrival: list[float] = _NEVER
         self._decode_wait_s = 0.0
 
     @property
@@ -220,17 +230,6 @@ def _attr_float(load: Any, *names: str) -> float | None:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     return None
-
-
-class _Arrivals:
-    """The last ``_ARRIVALS`` route times on one target, numbered: ``times[n % _ARRIVALS]`` is
-    when the n-th request was routed there."""
-
-    __slots__ = ("count", "times")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.times = [0.0] * _ARRIVALS
 
 
 class _Speed:
@@ -320,7 +319,8 @@ class Router(Generic[W]):
         self._capacity_scale: dict[TargetKey, float] = {}
         self._learn_speeds = learn_speeds
         self._speeds: dict[str, _Speed] = {}  # per worker URL
-        self._arrivals: dict[TargetKey, _Arrivals] = {}
+        # Per target: the next-arrival cell of the last request routed there.
+        self._last_arrival: dict[TargetKey, list[float]] = {}
         # Finished requests that taught the prefill speed nothing, by why (admin status).
         self._speed_skipped = {"no_report": 0, "queued": 0, "short": 0, "joined": 0}
         self._live: weakref.WeakSet[Route[W]] = weakref.WeakSet()
@@ -621,13 +621,11 @@ class Router(Generic[W]):
         """Number this request among those routed to its target, and note whether anything was
         queued ahead of it there (then its TTFT says nothing about the target's speed)."""
         target = route._lease.target
-        arrivals = self._arrivals.get(target)
-        if arrivals is None:
-            arrivals = self._arrivals[target] = _Arrivals()
         now = self._clock()
-        arrivals.count += 1
-        arrivals.times[arrivals.count % _ARRIVALS] = now
-        route._arrival = arrivals.count
+        previous = self._last_arrival.get(target)
+        if previous is not None and previous[0] == math.inf:
+            previous[0] = now
+        route._next_arrival = self._last_arrival[target] = [math.inf]
         route._routed_at = now
         route._quiet = single and cost.queued_prefill_tokens(view) == 0 and not view.reported_waiting
         if cost.running_requests(view) > 0:
@@ -637,9 +635,9 @@ class Router(Generic[W]):
         """One finished request's evidence of its worker's prefill speed (tokens/s per rank).
 
         Informative only if nothing was queued ahead of it when routed (leases and the server's
-        last report), nothing joined it on that target before its first token (SGLang would have
-        prefilled them in one batch, and each TTFT would read as a slower target), and it had at
-        least 1,024 uncached tokens. Then speed ≈ uncached / (TTFT − the decode-step wait the cost
+        last report), no request routed to that target after it may have shared its prefill batch
+        (each TTFT would read as a slower target: see ``_JOIN_SLACK_S``), and it had at least 1,024
+        uncached tokens. Then speed ≈ uncached / (TTFT − the decode-step wait the cost
         model adds when a batch runs). Chunked prefill needs nothing special: SGLang runs a long
         prompt's chunks back to back (the decode batch waits), so the ratio is the chunk rate, the
         rate queued tokens drain at too. A busy target thus teaches nothing rather than too low a
@@ -656,14 +654,14 @@ class Router(Generic[W]):
         if uncached < _SPEED_MIN_UNCACHED:
             self._speed_skipped["short"] += 1
             return
-        arrivals = self._arrivals.get(route._lease.target)
-        if arrivals is not None and arrivals.count != route._arrival:
-            joined_at = arrivals.times[(route._arrival + 1) % _ARRIVALS]
-            if arrivals.count - route._arrival >= _ARRIVALS or joined_at < route._routed_at + ttft:
-                self._speed_skipped["joined"] += 1
-                return
-        seconds = max(ttft - route._decode_wait_s, 0.5 * ttft)
         worker = route.worker
+        window = ttft
+        if uncached <= _CHUNK_TOKENS // max(worker.dp_size, 1):
+            window = min(window, 2.0 * route._decode_wait_s + _JOIN_SLACK_S)
+        if route._next_arrival[0] < route._routed_at + window:
+            self._speed_skipped["joined"] += 1
+            return
+        seconds = max(ttft - route._decode_wait_s, 0.5 * ttft)
         speed = self._speeds.get(worker.url)
         if speed is None:
             speed = self._speeds[worker.url] = _Speed(worker.prefill_tokens_per_s)

@@ -127,14 +127,19 @@ async def test_one_outlier_moves_the_speed_by_at_most_15_percent_and_is_forgotte
     assert learned(router, "http://fast") == pytest.approx(FAST, rel=0.03)
 
 
-async def test_requests_queued_behind_others_or_joined_by_others_teach_nothing() -> None:
+def one_server() -> tuple[Router[StaticWorker], Clock]:
     registry = StaticRegistry([StaticWorker("http://only", model="m", prefill_tokens_per_s=SEED)])
     clock = Clock()
     router = Router(registry, MemoryStore(clock=clock), get_policy("prefix_aware"), seed=1, clock=clock)
+    return router, clock
+
+
+async def test_requests_queued_behind_others_or_batched_with_others_teach_nothing() -> None:
+    router, clock = one_server()
     for _ in range(5):
-        # Two misses routed 10 ms apart: SGLang prefills them together (or the second after the first).
+        # Two misses routed 5 ms apart: SGLang prefills them in one batch (or the second after the first).
         first = await router.route(miss())
-        clock.now += 0.01
+        clock.now += 0.005
         second = await router.route(miss())
         both = 2 * PROMPT / FAST  # what the batch takes: each TTFT reads as half the speed
         clock.now += both
@@ -143,18 +148,25 @@ async def test_requests_queued_behind_others_or_joined_by_others_teach_nothing()
         clock.now += 0.5
     status = router.status()["prefill_speed_learning"]
     assert status["workers"] == {}
-    assert status["skipped"]["joined"] == 5  # the first: another request arrived before its first token
+    assert status["skipped"]["joined"] == 5  # the first: another request came before its prefill began
     assert status["skipped"]["queued"] == 5  # the second: the first's prefill was queued ahead of it
-    # A request that arrives after the first one's first token does not spoil it.
-    first = await router.route(miss())
-    clock.now += PROMPT / FAST
-    second = await router.route(miss())
-    await router.finish(
-        first, Outcome(ok=True, prompt_tokens=PROMPT, cached_tokens=0, ttft_s=PROMPT / FAST - 0.001)
-    )
-    assert status["skipped"]["joined"] == 5
-    assert router.status()["prefill_speed_learning"]["workers"]["http://only"]["samples"] == 1
-    await router.finish(second, Outcome(ok=True))
+
+
+async def test_a_later_arrival_spoils_only_a_prompt_longer_than_a_chunk() -> None:
+    router, clock = one_server()
+    for prompt, joined in ((PROMPT, 0), (10_000, 1)):
+        # The second request comes 50 ms later: the first's prefill has begun, so a one-chunk prompt
+        # is prefilled alone; a 10,000-token one (two chunks) shares its second chunk's batch.
+        first = await router.route(miss(prompt))
+        clock.now += 0.05
+        second = await router.route(miss())
+        ttft = prompt / FAST
+        await router.finish(first, Outcome(ok=True, prompt_tokens=prompt, cached_tokens=0, ttft_s=ttft))
+        await router.finish(second, Outcome(ok=False))
+        clock.now += 1.0
+        status = router.status()["prefill_speed_learning"]
+        assert status["workers"]["http://only"]["samples"] == 1  # the 4,000-token one
+        assert status["skipped"]["joined"] == joined
 
 
 async def test_short_cached_unreported_and_failed_requests_teach_nothing() -> None:
