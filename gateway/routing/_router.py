@@ -147,6 +147,7 @@ class Route(Generic[W]):
         "_next_arrival",
         "_predicted_blocks",
         "_prior_stamps",
+        "_queued_ahead",
         "_quiet",
         "_routed_at",
         "_settled_below",
@@ -180,11 +181,13 @@ class Route(Generic[W]):
         # this one was routed: the server may not have cached them yet (no evidence of eviction).
         self._settled_below: int | None = None
         self._finished = False
-        # For learning the target's prefill speed from this request's TTFT: whether nothing was
-        # queued ahead of it when routed, when that was, when the next request was routed to the
+        # For learning the target's prefill speed from this request's TTFT: whether what was queued
+        # ahead of it when routed is known (nothing, or only requests in its own prefill batch) and
+        # how many tokens that was, when it was routed, when the next request was routed to the
         # same target (set then; a cell the Router holds instead of the Route), and the wait for a
         # running decode step the cost model adds there.
         self._quiet = False
+        self._queued_ahead = 0
         self._routed_at = 0.0
         self._next_arrival: list[float] = _NEVER
         self._decode_wait_s = 0.0
@@ -230,6 +233,20 @@ def _attr_float(load: Any, *names: str) -> float | None:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     return None
+
+
+class _LastArrival:
+    """The last request routed to a target, as the next one there needs to know it: when, its
+    next-arrival cell, until when a request may still join its prefill batch, and — if what was
+    queued ahead of it was known — the tokens queued once it is added (else -1)."""
+
+    __slots__ = ("at", "cell", "join_until", "through")
+
+    def __init__(self) -> None:
+        self.at = -math.inf
+        self.cell = _NEVER
+        self.join_until = -math.inf
+        self.through = -1
 
 
 class _Speed:
@@ -319,8 +336,8 @@ class Router(Generic[W]):
         self._capacity_scale: dict[TargetKey, float] = {}
         self._learn_speeds = learn_speeds
         self._speeds: dict[str, _Speed] = {}  # per worker URL
-        # Per target: the next-arrival cell of the last request routed there.
-        self._last_arrival: dict[TargetKey, list[float]] = {}
+        # Per target: the last request routed there.
+        self._last_arrival: dict[TargetKey, _LastArrival] = {}
         # Finished requests that taught the prefill speed nothing, by why (admin status).
         self._speed_skipped = {"no_report": 0, "queued": 0, "short": 0, "joined": 0}
         self._live: weakref.WeakSet[Route[W]] = weakref.WeakSet()
@@ -618,30 +635,44 @@ class Router(Generic[W]):
         return route
 
     def _note_arrival(self, route: Route[W], view: TargetView, single: bool) -> None:
-        """Number this request among those routed to its target, and note whether anything was
-        queued ahead of it there (then its TTFT says nothing about the target's speed)."""
+        """Note what was queued ahead of this request on its target, if it is known: nothing, or
+        only the requests routed there just before it (SGLang prefills them in one batch). Behind
+        anything else its TTFT says nothing reliable about the target's speed."""
         target = route._lease.target
         now = self._clock()
-        previous = self._last_arrival.get(target)
-        if previous is not None and previous[0] == math.inf:
-            previous[0] = now
-        route._next_arrival = self._last_arrival[target] = [math.inf]
-        route._routed_at = now
-        route._quiet = single and cost.queued_prefill_tokens(view) == 0 and not view.reported_waiting
+        last = self._last_arrival.get(target)
+        if last is None:
+            last = self._last_arrival[target] = _LastArrival()
+        if last.cell[0] == math.inf:
+            last.cell[0] = now
+        queued = cost.queued_prefill_tokens(view)
         if cost.running_requests(view) > 0:
             route._decode_wait_s = 0.5 * view.decode_step_s
+        if queued == 0 and not view.reported_waiting:
+            route._quiet = single
+        elif now <= last.join_until and queued == last.through:
+            route._quiet = single  # a burst: its batch is the previous requests' and its own
+        route._queued_ahead = queued
+        route._routed_at = now
+        route._next_arrival = last.cell = [math.inf]
+        last.at = now
+        last.join_until = now + 2.0 * route._decode_wait_s + _JOIN_SLACK_S
+        last.through = queued + route._lease.prefill_tokens if route._quiet else -1
 
     def _learn_prefill_speed(self, route: Route[W], outcome: Outcome) -> None:
         """One finished request's evidence of its worker's prefill speed (tokens/s per rank).
 
-        Informative only if nothing was queued ahead of it when routed (leases and the server's
-        last report), no request routed to that target after it may have shared its prefill batch
-        (each TTFT would read as a slower target: see ``_JOIN_SLACK_S``), and it had at least 1,024
-        uncached tokens. Then speed ≈ uncached / (TTFT − the decode-step wait the cost
-        model adds when a batch runs). Chunked prefill needs nothing special: SGLang runs a long
-        prompt's chunks back to back (the decode batch waits), so the ratio is the chunk rate, the
-        rate queued tokens drain at too. A busy target thus teaches nothing rather than too low a
-        speed; what the checks cannot see (another gateway replica's or client's request landing
+        Informative only if what was queued ahead of it when routed is known — nothing (no
+        leases' prefill, no waiting in the server's last report), or just the requests of a burst
+        routed there within the join window before it, which SGLang prefills in the same batch —
+        if no request routed there after it may have joined its batch (see ``_JOIN_SLACK_S``), and
+        if that batch had at least 1,024 uncached tokens. Then speed ≈ (queued ahead + uncached) /
+        (TTFT − the decode-step wait the cost model adds when a batch runs): the cost model's own
+        formula. Chunked prefill needs nothing special: SGLang runs a long prompt's chunks back to
+        back (the decode batch waits), so the ratio is the chunk rate, the rate queued tokens drain
+        at too. A target busy with anything else teaches nothing rather than too low a speed (a
+        request queued behind one already prefilling would also over-count that one's finished
+        part); what the checks cannot see (another gateway replica's or client's request landing
         alongside, a DP-attention peer rank prefilling) is bounded by the clamped step.
         """
         ttft = outcome.ttft_s
@@ -650,13 +681,13 @@ class Router(Generic[W]):
         if ttft is None or ttft <= 0 or prompt is None or cached is None:
             self._speed_skipped["no_report"] += 1
             return
-        uncached = prompt - cached
-        if uncached < _SPEED_MIN_UNCACHED:
+        work = route._queued_ahead + prompt - cached
+        if work < _SPEED_MIN_UNCACHED:
             self._speed_skipped["short"] += 1
             return
         worker = route.worker
         window = ttft
-        if uncached <= _CHUNK_TOKENS // max(worker.dp_size, 1):
+        if work <= _CHUNK_TOKENS // max(worker.dp_size, 1):
             window = min(window, 2.0 * route._decode_wait_s + _JOIN_SLACK_S)
         if route._next_arrival[0] < route._routed_at + window:
             self._speed_skipped["joined"] += 1
@@ -666,7 +697,7 @@ class Router(Generic[W]):
         if speed is None:
             speed = self._speeds[worker.url] = _Speed(worker.prefill_tokens_per_s)
         old = speed.tokens_per_s
-        pull = math.log(uncached / seconds / old)
+        pull = math.log(work / seconds / old)
         pull = min(max(pull, -_SPEED_MAX_PULL), _SPEED_MAX_PULL)
         low, high = _SPEED_RANGE
         speed.tokens_per_s = min(max(old * math.exp(_SPEED_ALPHA * pull), low), high)

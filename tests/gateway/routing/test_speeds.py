@@ -134,22 +134,45 @@ def one_server() -> tuple[Router[StaticWorker], Clock]:
     return router, clock
 
 
-async def test_requests_queued_behind_others_or_batched_with_others_teach_nothing() -> None:
+async def test_a_burst_teaches_its_batch_and_its_first_requests_nothing() -> None:
     router, clock = one_server()
-    for _ in range(5):
-        # Two misses routed 5 ms apart: SGLang prefills them in one batch (or the second after the first).
+    for _ in range(30):
+        # Two misses routed 5 ms apart: SGLang prefills them in one batch; both TTFTs are the batch's.
         first = await router.route(miss())
         clock.now += 0.005
         second = await router.route(miss())
-        both = 2 * PROMPT / FAST  # what the batch takes: each TTFT reads as half the speed
+        both = 2 * PROMPT / FAST
         clock.now += both
         await router.finish(first, Outcome(ok=True, prompt_tokens=PROMPT, cached_tokens=0, ttft_s=both))
         await router.finish(second, Outcome(ok=True, prompt_tokens=PROMPT, cached_tokens=0, ttft_s=both))
         clock.now += 0.5
     status = router.status()["prefill_speed_learning"]
+    # The first of each pair: another request came before its prefill began (its TTFT reads as
+    # half the speed). The second: the 4,000 tokens queued ahead are the first's, in its batch.
+    assert status["skipped"]["joined"] == 30
+    assert status["workers"]["http://only"]["samples"] == 30
+    # The first counts as running for the second (as in the cost model's estimate, which adds half
+    # a decode step for it): the speed that makes the model predict the TTFT seen.
+    step = router.speeds()["http://only@0"]["decode_step_s"]
+    expected = 2 * PROMPT / (2 * PROMPT / FAST - 0.5 * step)
+    assert status["workers"]["http://only"]["prefill_tokens_per_s"] == pytest.approx(expected, rel=0.01)
+
+
+async def test_a_request_queued_behind_an_older_prefill_teaches_nothing() -> None:
+    router, clock = one_server()
+    for _ in range(5):
+        first = await router.route(miss())
+        clock.now += 0.05  # its prefill is under way (and counted queued until 1.5x its estimate)
+        second = await router.route(miss())
+        await router.finish(first, Outcome(ok=True))
+        # Only what was left of the first's prefill delayed it: counting all 4,000 would read fast.
+        ttft = (2 * PROMPT / FAST) - 0.05
+        clock.now += ttft
+        await router.finish(second, Outcome(ok=True, prompt_tokens=PROMPT, cached_tokens=0, ttft_s=ttft))
+        clock.now += 0.5
+    status = router.status()["prefill_speed_learning"]
     assert status["workers"] == {}
-    assert status["skipped"]["joined"] == 5  # the first: another request came before its prefill began
-    assert status["skipped"]["queued"] == 5  # the second: the first's prefill was queued ahead of it
+    assert status["skipped"]["queued"] == 5
 
 
 async def test_a_later_arrival_spoils_only_a_prompt_longer_than_a_chunk() -> None:
