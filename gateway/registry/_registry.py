@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 import msgspec
 
 from backends.sglang import RankLoadReport, dialect, parse_get_load, parse_v1_loads
+from gateway._changes import ChangeLog
 from gateway.registry._discovery import DiscoveryError, GatewaySaturated, discover, http_get, undiscovered
 from gateway.registry._health import HealthTracker
 from gateway.registry._models import ReportedLoad, Worker, WorkerSpec, normalise_url
@@ -80,6 +81,8 @@ class WorkerRegistry:
         self._started = False
         # Bumped on every change to any Worker; lets workers() answer from a cache on the hot path.
         self._generation = 0
+        # Which targets' load reports changed, so routing re-reads only those.
+        self._reports: ChangeLog[TargetKey] = ChangeLog()
         self._views: dict[tuple[str | None, Role | None, bool], tuple[int, list[Worker]]] = {}
         for spec in specs:
             url = normalise_url(spec.url)
@@ -163,6 +166,14 @@ class WorkerRegistry:
             if entry.worker.discovered or entry.spec.model is not None
         }
         return sorted(names | self._configured_models)
+
+    @property
+    def report_version(self) -> int:
+        return self._reports.version
+
+    def report_changes_since(self, version: int) -> list[TargetKey] | None:
+        """Targets whose load report changed after ``version`` (None if that is too long ago)."""
+        return self._reports.changed_since(version)
 
     def reported_load(self, target: TargetKey) -> ReportedLoad | None:
         entry = self._entries.get(target.worker)
@@ -322,6 +333,7 @@ class WorkerRegistry:
             entry.load_path = path
             now = self._clock()
             entry.loads = {report.dp_rank: (report, now) for report in reports}
+            self._reports.note_all(TargetKey(worker.url, report.dp_rank) for report in reports)
             for report in reports:
                 step = entry.steps.get(report.dp_rank)
                 if step is None:

@@ -111,6 +111,11 @@ class RegistryLike(Protocol[W_co]):
 
     def reported_load(self, target: TargetKey) -> Any: ...
 
+    # Optional (looked up with getattr): ``report_version`` (an int bumped whenever a target's
+    # reported load changes) and ``report_changes_since(version) -> list[TargetKey] | None``
+    # (None: no longer known). With them the Router refreshes only the targets whose report
+    # changed; without, it rebuilds every target's view each reported-load interval.
+
 
 class RoutingError(Exception):
     """Routing could not place the request."""
@@ -279,6 +284,8 @@ class _Table(Generic[W]):
         "load_version",
         "loads_at",
         "position",
+        "rebuilt_at",
+        "report_version",
         "signature",
         "total_inflight",
         "workers",
@@ -291,6 +298,8 @@ class _Table(Generic[W]):
         self.position: dict[TargetKey, int] = {}
         self.load_version = -1
         self.loads_at = float("-inf")
+        self.rebuilt_at = float("-inf")
+        self.report_version = -1
         self.total_inflight = 0
 
 
@@ -336,6 +345,14 @@ class Router(Generic[W]):
         self._capacity_scale: dict[TargetKey, float] = {}
         self._learn_speeds = learn_speeds
         self._speeds: dict[str, _Speed] = {}  # per worker URL
+        # Workers whose learned speed moved since their views were last refreshed.
+        self._speed_moved: set[str] = set()
+        self._report_version: Callable[[], int] | None = None
+        self._report_changes: Callable[[int], Sequence[TargetKey] | None] | None = None
+        changes = getattr(registry, "report_changes_since", None)
+        if callable(changes) and hasattr(registry, "report_version"):
+            self._report_version = lambda: int(registry.report_version)
+            self._report_changes = changes
         # Per target: the last request routed there.
         self._last_arrival: dict[TargetKey, _LastArrival] = {}
         # Finished requests that taught the prefill speed nothing, by why (admin status).
@@ -411,7 +428,7 @@ class Router(Generic[W]):
             self._rebuild(model, table, state, now)
             self._set_budgets(model, table, state)
             return table
-        if now - table.loads_at >= self._reported_interval:
+        if now - table.loads_at >= self._reported_interval and not self._refresh_reports(table, state, now):
             self._rebuild(model, table, state, now)
             return table
         changed = state.changed_since(table.load_version)
@@ -424,6 +441,37 @@ class Router(Generic[W]):
                     self._patch(table, position, state)
             table.load_version = state.version
         return table
+
+    def _refresh_reports(self, table: _Table[W], state: ModelState, now: float) -> bool:
+        """Re-view only the targets whose server report changed (or whose worker's learned speed
+        moved) since the table last looked; False when only a full rebuild will do. A full rebuild
+        of 1,024 targets takes milliseconds: every reported-load interval it landed on one request
+        as a decision-latency spike. Every ``reported_max_age_s`` the table is rebuilt anyway, so a
+        server that stopped reporting has its last report dropped as stale."""
+        if self._report_changes is None or self._report_version is None:
+            return False
+        if now - table.rebuilt_at >= self._reported_max_age:
+            return False
+        version = self._report_version()
+        changed = self._report_changes(table.report_version)
+        if changed is None:
+            return False
+        keys = set(changed)
+        moved = [url for url in self._speed_moved if url in table.workers] if self._speed_moved else []
+        for url in moved:
+            self._speed_moved.discard(url)
+            keys.update(TargetKey(url, rank) for rank in range(max(table.workers[url].dp_size, 1)))
+        for key in keys:
+            position = table.position.get(key)
+            if position is None:
+                continue
+            old = table.base[position]
+            view = self._view(table.workers[key.worker], key, state)
+            table.total_inflight += view.inflight_requests - old.inflight_requests
+            table.base[position] = view
+        table.report_version = version
+        table.loads_at = now
+        return True
 
     def _view(self, worker: W, key: TargetKey, state: ModelState) -> TargetView:
         load = state.loads.get(key)
@@ -462,7 +510,11 @@ class Router(Generic[W]):
         table.position = {view.key: i for i, view in enumerate(views)}
         table.total_inflight = sum(view.inflight_requests for view in views)
         table.load_version = state.version
-        table.loads_at = now
+        table.loads_at = table.rebuilt_at = now
+        if self._speed_moved:
+            self._speed_moved.difference_update(table.workers)
+        if self._report_version is not None:
+            table.report_version = self._report_version()
 
     def _set_budgets(self, model: str, table: _Table[W], state: ModelState, url: str | None = None) -> None:
         """Bound each target's index entries by its KV capacity (in blocks at the learned bytes/token)."""
@@ -702,6 +754,7 @@ class Router(Generic[W]):
         low, high = _SPEED_RANGE
         speed.tokens_per_s = min(max(old * math.exp(_SPEED_ALPHA * pull), low), high)
         speed.samples += 1
+        self._speed_moved.add(worker.url)
 
     def _maybe_renew(self) -> None:
         """Renew open leases when the renewal interval has passed on the Router's clock (which may

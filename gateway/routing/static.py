@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from gateway._changes import ChangeLog
 from policies.types import Role, TargetKey
 
 __all__ = ["StaticLoad", "StaticRegistry", "StaticWorker"]
@@ -36,10 +37,48 @@ class StaticLoad(msgspec.Struct):
     token_usage: float = 0.0
 
 
+class _ReportedLoads(dict[TargetKey, StaticLoad]):
+    """The caller-set loads, logging which targets' entries change (as the live registry's polls do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: ChangeLog[TargetKey] = ChangeLog()
+
+    def __setitem__(self, key: TargetKey, value: StaticLoad) -> None:
+        super().__setitem__(key, value)
+        self.log.note(key)
+
+    def __delitem__(self, key: TargetKey) -> None:
+        super().__delitem__(key)
+        self.log.note(key)
+
+    def pop(self, key: TargetKey, *default: Any) -> Any:
+        self.log.note(key)
+        return super().pop(key, *default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def clear(self) -> None:
+        self.log.note_all(list(self))
+        super().clear()
+
+
 class StaticRegistry:
     def __init__(self, workers: list[StaticWorker]) -> None:
         self.items = workers
-        self.loads: dict[TargetKey, StaticLoad] = {}
+        self.loads: dict[TargetKey, StaticLoad] = _ReportedLoads()
+
+    @property
+    def report_version(self) -> int:
+        loads = self.loads
+        return loads.log.version if isinstance(loads, _ReportedLoads) else -1
+
+    def report_changes_since(self, version: int) -> list[TargetKey] | None:
+        loads = self.loads
+        # A caller that replaced the dict wholesale gets a full re-read every interval.
+        return loads.log.changed_since(version) if isinstance(loads, _ReportedLoads) else None
 
     def workers(
         self, model: str | None = None, role: Role | None = None, healthy_only: bool = True

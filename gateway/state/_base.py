@@ -8,6 +8,7 @@ from typing import Protocol
 
 import msgspec
 
+from gateway._changes import ChangeLog
 from policies.prefix_index import PrefixIndex
 from policies.types import TargetKey
 
@@ -48,13 +49,12 @@ class Lease(msgspec.Struct):
 class ModelState:
     """One model's local state: the prefix index, in-flight loads, and a log of load changes."""
 
-    __slots__ = ("_changes", "_remote_records", "_version", "index", "loads")
+    __slots__ = ("_changes", "_remote_records", "index", "loads")
 
     def __init__(self, default_budget_blocks: int) -> None:
         self.index = PrefixIndex(default_budget_blocks=default_budget_blocks)
         self.loads: dict[TargetKey, TargetLoad] = {}
-        self._version = 0
-        self._changes: deque[tuple[int, TargetKey]] = deque(maxlen=_CHANGE_LOG)
+        self._changes: ChangeLog[TargetKey] = ChangeLog(_CHANGE_LOG)
         # Per target: (when, index stamp) of blocks other gateways recorded there, oldest first.
         self._remote_records: dict[TargetKey, deque[tuple[float, int]]] = {}
 
@@ -79,11 +79,10 @@ class ModelState:
 
     @property
     def version(self) -> int:
-        return self._version
+        return self._changes.version
 
     def touch(self, target: TargetKey) -> None:
-        self._version += 1
-        self._changes.append((self._version, target))
+        self._changes.note(target)
 
     def add_load(self, target: TargetKey, requests: int, prefill_tokens: int) -> None:
         load = self.loads.get(target)
@@ -113,17 +112,7 @@ class ModelState:
 
     def changed_since(self, version: int) -> list[TargetKey] | None:
         """Targets whose load changed after ``version``; None if the log no longer reaches back."""
-        if version == self._version:
-            return []
-        changes = self._changes
-        if not changes or changes[0][0] > version + 1:
-            return None
-        out: list[TargetKey] = []
-        for seen, target in reversed(changes):
-            if seen <= version:
-                break
-            out.append(target)
-        return out
+        return self._changes.changed_since(version)
 
 
 class StateStore(Protocol):

@@ -269,8 +269,14 @@ async def test_new_server_prefers_v1_loads(transport: Transport) -> None:
         registry = WorkerRegistry([WorkerSpec(server.url)], transport, **FAST)
         await registry.start()
         try:
+            version = registry.report_version
             assert await registry.poll_loads(server.url)
             assert server.hits.get("/get_load") is None
+            # Routing re-reads just the targets a poll reported on.
+            changed = registry.report_changes_since(version)
+            assert changed is not None and {key.worker for key in changed} == {server.url}
+            assert registry.report_version > version
+            assert registry.report_changes_since(registry.report_version) == []
         finally:
             await registry.stop()
 

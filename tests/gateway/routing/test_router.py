@@ -362,3 +362,32 @@ async def test_a_prompt_list_on_v1_completions_is_pinned_by_header_like_a_single
     route = await router.route(RoutingRequest(model="m", endpoint="completion", prompt=["a", "b"]))
     assert route.dp_rank is not None
     assert dict(route.receipt_headers)["x-cachet-dp-rank"] == str(route.dp_rank)
+
+
+async def test_new_load_reports_are_read_per_target_not_by_rebuilding_every_view() -> None:
+    registry = FakeRegistry([FakeWorker(f"http://s{i}", dp_size=4) for i in range(8)])
+    now = [0.0]
+    router = Router(registry, MemoryStore(), get_policy("prefix_aware"), seed=1, clock=lambda: now[0])
+    viewed: list[TargetKey] = []
+    original = router._view
+
+    def counting_view(worker: StaticWorker, key: TargetKey, state: object) -> object:
+        viewed.append(key)
+        return original(worker, key, state)  # type: ignore[arg-type]
+
+    router._view = counting_view  # type: ignore[assignment,method-assign]
+    await router.finish(await router.route(chat("warm")), Outcome(ok=True))
+    assert len(viewed) == 32  # the first table: every target
+    viewed.clear()
+    busy = TargetKey("http://s3", 2)
+    registry.loads[busy] = FakeLoad(num_waiting_reqs=9, num_waiting_uncached_tokens=900_000)
+    now[0] += 1.0  # past the reported-load interval
+    await router.finish(await router.route(chat("next")), Outcome(ok=True))
+    assert viewed == [busy]  # only the target whose report changed
+    view = router._tables["m"].base[router._tables["m"].position[busy]]
+    assert view.reported_waiting_tokens == 900_000
+    viewed.clear()
+    now[0] += 11.0  # past reported_max_age_s: a full rebuild drops reports gone stale
+    await router.finish(await router.route(chat("later")), Outcome(ok=True))
+    assert len(viewed) == 32
+    await router.aclose()
