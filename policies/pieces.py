@@ -83,7 +83,10 @@ class MatchedPlusSample:
             return list(range(n))
         chosen = list(snapshot.matched[: self.matched_cap])
         seen = set(chosen)
-        for index in rng.sample(range(n), min(self.sample, n)):
+        # Independent draws (a repeat is skipped): a third of random.sample's cost on 1,000+ targets.
+        draw = rng.random
+        for _ in range(self.sample):
+            index = int(draw() * n)
             if index not in seen:
                 seen.add(index)
                 chosen.append(index)
@@ -93,13 +96,17 @@ class MatchedPlusSample:
 class BoundedLoad:
     """Drop targets holding more than ``factor`` × mean in-flight + ``slack`` requests, unless all do.
 
-    Consistent hashing with bounded loads (Mirrokni et al.; KubeAI uses 1.25): the cache may pull
-    traffic towards a target, but never far past its share.
+    Consistent hashing with bounded loads (Mirrokni et al.): the cache may pull traffic towards a
+    target, but never far past its share. KubeAI uses 1.25 for stateless replicas; a DP-attention
+    rank decodes a batch twice the mean at almost the same step time (decode is bandwidth-bound),
+    so 2: at 1.25 a hot Zipf group was pushed onto ever more ranks, each copy a cold 2k-token
+    prefill — 78.7 % hits against an oracle of 82.3 % over HTTP, 81.6 % at 2.0, with TTFT set by
+    the queue terms rather than this cap (sglang-router's own rule is 1.5× and 64 requests apart).
     """
 
     name = "bounded-load"
 
-    def __init__(self, factor: float = 1.25, slack: float = 2.0) -> None:
+    def __init__(self, factor: float = 2.0, slack: float = 2.0) -> None:
         self.factor = factor
         # Absolute headroom: at low load (mean ~0.5) one or two requests in flight barely delay a
         # prefill, and refusing the cached target for them costs a whole prompt elsewhere.
