@@ -48,6 +48,7 @@ from loadtests.routing_bench.procs import (
 from loadtests.stats import coefficient_of_variation
 from loadtests.workloads.cli import add_workload_args, build_workload, describe
 from loadtests.workloads.request import BenchRequest
+from loadtests.workloads.text import filler_text
 
 DEFAULT_SYSTEMS = "cachet:prefix_aware,cachet:least_load,cachet:round_robin,sglang-router,vllm-router"
 
@@ -67,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--load", type=float, default=None,
                         help="arrival rate: this fraction of the capacity (--load-basis)")  # fmt: skip
     add_load_basis_arg(parser)
+    parser.add_argument("--warmup", type=int, default=24,
+                        help="unrelated short requests through each system before its run (then caches "
+                             "are flushed): first requests through a fresh process are slow and would "
+                             "otherwise be the tail")  # fmt: skip
     parser.add_argument("--max-requests", type=int, default=400, help="cap on requests per system")
     parser.add_argument("--deadline-s", type=float, default=180.0, help="stop sending after this per system")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="per-request timeout")
@@ -110,6 +115,19 @@ async def _system(
             yield [await stack.enter_async_context(router) for router in routers]
         else:
             raise SystemExit(f"unknown system {name!r}")
+
+
+def _warmup_requests(count: int) -> list[BenchRequest]:
+    """Short prompts sharing nothing with any workload, 20 ms apart."""
+    return [
+        BenchRequest(
+            rid=f"warmup-{i}",
+            arrival_s=0.02 * i,
+            max_tokens=4,
+            messages=[{"role": "user", "content": filler_text(f"routing-bench-warmup:{i}", 256)}],
+        )
+        for i in range(count)
+    ]
 
 
 def _server_side(
@@ -166,11 +184,14 @@ async def _main(args: argparse.Namespace) -> int:
         model = servers[0].model
         targets = [f"{s.url}@{r}" for s in servers for r in range(s.dp_size)]
         for name in systems:
-            await flush_caches(urls)
-            before = await scrape_counters(urls)
-            started = time.perf_counter()
             try:
                 async with _system(name, servers, log_dir, args.seed) as entries:
+                    if args.warmup:
+                        await run_open_loop(_warmup_requests(args.warmup), entries, model=model,
+                                            timeout_s=args.timeout_s)  # fmt: skip
+                    await flush_caches(urls)
+                    before = await scrape_counters(urls)
+                    started = time.perf_counter()
                     records: list[HttpRecord] = await run_open_loop(
                         requests, entries, model=model, timeout_s=args.timeout_s, deadline_s=args.deadline_s
                     )
@@ -205,6 +226,7 @@ async def _main(args: argparse.Namespace) -> int:
                 if any(r.predicted_cached_tokens is not None for r in ok)
                 else None,
                 "first_errors": [r.error for r in records if r.error][:5],
+                "records": msgspec.to_builtins(sorted(records, key=lambda r: r.arrival_s)),
             }
             print(f"{name}: {len(ok)} ok, {errors} errors, client hit {summary.hit_rate:.1%}, server hit "
                   f"{hit if hit is None else format(hit, '.1%')}", file=sys.stderr)  # fmt: skip
