@@ -280,6 +280,10 @@ def build_litestar(
         store = getattr(router, "store", None)
         status = store.status() if store is not None else {}
         answer: dict[str, Any] = {"store": dict(status)}
+        routing_status = getattr(router, "status", None)
+        if callable(routing_status):
+            # The policy, capacity scales, learned speeds per target and the speed learning's counts.
+            answer["routing"] = routing_status()
         pd = gateway.pd
         if pd is not None and pd.has_pools():
             answer["pd"] = pd.store_status()

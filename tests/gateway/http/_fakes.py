@@ -157,6 +157,10 @@ class RecordingRouter:
         result: list[dict[str, Any]] = self.inner.recent_decisions(limit)
         return result
 
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.inner.status()
+        return result
+
 
 class Harness:
     def __init__(self, workers: Sequence[Worker], script: Script, **config: Any) -> None:

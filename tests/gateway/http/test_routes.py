@@ -136,10 +136,12 @@ async def test_admin_token_guards_admin_only() -> None:
     assert public.status_code == 200
 
 
-async def test_admin_state_shows_store_status() -> None:
+async def test_admin_state_shows_store_and_routing_status() -> None:
     async with Harness([worker(A)], ok).client() as client:
         reply = await client.get("/admin/state")
     assert reply.status_code == 200 and "store" in reply.json()
+    routing = reply.json()["routing"]
+    assert routing["policy"] == "round_robin" and "speeds" in routing
 
 
 class _PDRouter:
