@@ -75,23 +75,7 @@ def score_s(
     The stall term: SGLang runs a prefill between decode steps, so each request already running on
     the target waits out this prompt's uncached prefill before its next token.
     """
-    speed = max(target.prefill_tokens_per_s, _MIN_PREFILL_TOKENS_PER_S)
-    queued = target.inflight_prefill_tokens
-    reported = target.reported_waiting_tokens
-    if reported is not None and reported > queued:
-        queued = reported
-    prompt = features.prompt_tokens
-    cached = target.predicted_cached_tokens
-    if cached > prompt - 1:
-        cached = prompt - 1 if prompt > 0 else 0
-    uncached = max(prompt - cached, 1)
-    running = target.inflight_requests
-    reported_running = (target.reported_running or 0) + (target.reported_waiting or 0)
-    running = max(running, reported_running)
-    seconds = (queued + (1.0 + work_weight + stall_weight * running) * uncached) / speed
-    if running > 0:
-        seconds += 0.5 * target.decode_step_s
-    return seconds
+    return estimate(features, target, work_weight, stall_weight)[0]
 
 
 def estimate(

@@ -161,21 +161,26 @@ def test_prefix_aware_on_a_large_snapshot_looks_at_matches_and_a_sample() -> Non
     assert decision.target.worker == "t0700"
 
 
+def _random_case(rng: random.Random) -> tuple[TargetView, RequestFeatures]:
+    """A target in any state the cost model tells apart (zero speed, reports or none, hits), and a prompt."""
+    target = view(
+        "t",
+        prefill_tokens_per_s=rng.choice([0.0, 800.0, 12_000.0]),
+        decode_step_s=rng.random() / 10,
+        inflight_requests=rng.randint(0, 3),
+        inflight_prefill_tokens=rng.randint(0, 9000),
+        reported_waiting=rng.choice([None, 0, 4]),
+        reported_running=rng.choice([None, 0, 7]),
+        reported_waiting_tokens=rng.choice([None, 0, 5000]),
+        predicted_cached_tokens=rng.randint(0, 5000),
+    )
+    return target, RequestFeatures(model="m", prompt_tokens=rng.randint(0, 4000))
+
+
 def test_inlined_ttft_matches_its_definition() -> None:
     rng = random.Random(5)
     for _ in range(500):
-        target = view(
-            "t",
-            prefill_tokens_per_s=rng.choice([0.0, 800.0, 12_000.0]),
-            decode_step_s=rng.random() / 10,
-            inflight_requests=rng.randint(0, 3),
-            inflight_prefill_tokens=rng.randint(0, 9000),
-            reported_waiting=rng.choice([None, 0, 4]),
-            reported_running=rng.choice([None, 0, 7]),
-            reported_waiting_tokens=rng.choice([None, 0, 5000]),
-            predicted_cached_tokens=rng.randint(0, 5000),
-        )
-        features = RequestFeatures(model="m", prompt_tokens=rng.randint(0, 4000))
+        target, features = _random_case(rng)
         speed = max(target.prefill_tokens_per_s, 1.0)
         expected = cost.queue_wait_s(target) + cost.uncached_tokens(features, target) / speed
         assert cost.ttft_s(features, target) == pytest.approx(expected)
@@ -272,20 +277,12 @@ def test_queue_guard_keeps_a_hit_whose_savings_pay_for_its_queue() -> None:
 def test_one_pass_estimate_matches_the_separate_definitions() -> None:
     rng = random.Random(9)
     for _ in range(500):
-        target = view(
-            "t",
-            prefill_tokens_per_s=rng.choice([0.0, 800.0, 12_000.0]),
-            decode_step_s=rng.random() / 10,
-            inflight_requests=rng.randint(0, 3),
-            inflight_prefill_tokens=rng.randint(0, 9000),
-            reported_waiting=rng.choice([None, 0, 4]),
-            reported_running=rng.choice([None, 0, 7]),
-            reported_waiting_tokens=rng.choice([None, 0, 5000]),
-            predicted_cached_tokens=rng.randint(0, 5000),
-        )
-        features = RequestFeatures(model="m", prompt_tokens=rng.randint(0, 4000))
+        target, features = _random_case(rng)
         score, wait, prefill, running = cost.estimate(features, target, 0.7, 0.5)
-        assert score == pytest.approx(cost.score_s(features, target, 0.7, 0.5))
+        running_there = cost.running_requests(target)
+        assert score == pytest.approx(
+            cost.ttft_s(features, target) + (0.7 + 0.5 * running_there) * cost.prefill_s(features, target)
+        )
         assert wait == pytest.approx(cost.queue_wait_s(target))
         assert prefill == pytest.approx(cost.prefill_s(features, target))
         assert running == cost.running_requests(target)
