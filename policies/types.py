@@ -59,6 +59,10 @@ class TargetView(msgspec.Struct, frozen=True):
     predicted_cached_tokens: int = 0
     # Prompt tokens the server reported waiting to be prefilled (num_waiting_uncached_tokens).
     reported_waiting_tokens: int | None = None
+    # Prompt tokens queued for prefill on the server's *other* DP ranks (leases or reports, the
+    # larger per rank). Under DP attention the ranks run the MoE layers in lock-step, so a sibling's
+    # prefill slows this rank's steps too.
+    sibling_prefill_tokens: int = 0
 
 
 class RequestFeatures(msgspec.Struct, frozen=True):

@@ -435,12 +435,32 @@ class Router(Generic[W]):
         if changed is None:
             self._rebuild(model, table, state, now)
         elif changed:
-            for key in set(changed):
+            keys = set(changed)
+            for key in keys:
                 position = table.position.get(key)
                 if position is not None:
                     self._patch(table, position, state)
+            self._sync_siblings(table, {key.worker for key in keys})
             table.load_version = state.version
         return table
+
+    def _sync_siblings(self, table: _Table[W], urls: Iterable[str]) -> None:
+        """Set each DP rank's ``sibling_prefill_tokens`` (the queued prefill of its server's other
+        ranks) for the servers in ``urls``; views are replaced only where the sum moved."""
+        base, position = table.base, table.position
+        for url in urls:
+            worker = table.workers.get(url)
+            if worker is None or worker.dp_size <= 1:
+                continue
+            places = [
+                position[key] for rank in range(worker.dp_size) if (key := TargetKey(url, rank)) in position
+            ]
+            own = [cost.queued_prefill_tokens(base[place]) for place in places]
+            total = sum(own)
+            for place, queued in zip(places, own, strict=True):
+                view = base[place]
+                if view.sibling_prefill_tokens != total - queued:
+                    base[place] = msgspec.structs.replace(view, sibling_prefill_tokens=total - queued)
 
     def _refresh_reports(self, table: _Table[W], state: ModelState, now: float) -> bool:
         """Re-view only the targets whose server report changed (or whose worker's learned speed
@@ -469,6 +489,7 @@ class Router(Generic[W]):
             view = self._view(table.workers[key.worker], key, state)
             table.total_inflight += view.inflight_requests - old.inflight_requests
             table.base[position] = view
+        self._sync_siblings(table, {key.worker for key in keys})
         table.report_version = version
         table.loads_at = now
         return True
@@ -508,6 +529,7 @@ class Router(Generic[W]):
                 views.append(self._view(worker, key, state))
         table.base = views
         table.position = {view.key: i for i, view in enumerate(views)}
+        self._sync_siblings(table, table.workers)
         table.total_inflight = sum(view.inflight_requests for view in views)
         table.load_version = state.version
         table.loads_at = table.rebuilt_at = now

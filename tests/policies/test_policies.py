@@ -173,6 +173,7 @@ def _random_case(rng: random.Random) -> tuple[TargetView, RequestFeatures]:
         reported_running=rng.choice([None, 0, 7]),
         reported_waiting_tokens=rng.choice([None, 0, 5000]),
         predicted_cached_tokens=rng.randint(0, 5000),
+        sibling_prefill_tokens=rng.choice([0, 3000]),
     )
     return target, RequestFeatures(model="m", prompt_tokens=rng.randint(0, 4000))
 
