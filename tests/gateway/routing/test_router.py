@@ -391,3 +391,19 @@ async def test_new_load_reports_are_read_per_target_not_by_rebuilding_every_view
     await router.finish(await router.route(chat("later")), Outcome(ok=True))
     assert len(viewed) == 32
     await router.aclose()
+
+
+async def test_a_prefill_on_one_dp_rank_weighs_on_its_sibling_ranks() -> None:
+    # Under DP attention a server's ranks run the MoE layers in lock-step: a long prefill queued on
+    # a:0 slows a:1 too, so a new conversation goes to server b, not to a's idle-looking rank.
+    registry = two_servers(dp=2)
+    registry.loads[TargetKey("http://a", 0)] = FakeLoad(num_waiting_reqs=1, num_waiting_uncached_tokens=30_000)
+    router = make_router("prefix_aware", registry, seed=3)
+    for i in range(6):
+        route = await router.route(chat(f"new conversation {i}"))
+        assert route.worker.url == "http://b", route.decision.reason
+        await router.finish(route, Outcome(ok=True))
+    views = {view.key: view for view in router._tables["m"].base}
+    assert views[TargetKey("http://a", 1)].sibling_prefill_tokens == 30_000
+    assert views[TargetKey("http://a", 0)].sibling_prefill_tokens == 0
+    await router.aclose()
