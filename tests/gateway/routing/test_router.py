@@ -395,15 +395,16 @@ async def test_new_load_reports_are_read_per_target_not_by_rebuilding_every_view
 
 async def test_a_prefill_on_one_dp_rank_weighs_on_its_sibling_ranks() -> None:
     # Under DP attention a server's ranks run the MoE layers in lock-step: a long prefill queued on
-    # a:0 slows a:1 too, so a new conversation goes to server b, not to a's idle-looking rank.
-    registry = two_servers(dp=2)
-    registry.loads[TargetKey("http://a", 0)] = FakeLoad(num_waiting_reqs=1, num_waiting_uncached_tokens=30_000)
-    router = make_router("prefix_aware", registry, seed=3)
-    for i in range(6):
-        route = await router.route(chat(f"new conversation {i}"))
+    # a:0 slows a:1 too, so a cache miss goes to server b, not to a's idle-looking rank.
+    for seed in range(20):
+        registry = two_servers(dp=2)
+        long_queue = FakeLoad(num_waiting_reqs=1, num_waiting_uncached_tokens=30_000)
+        registry.loads[TargetKey("http://a", 0)] = long_queue
+        router = make_router("prefix_aware", registry, seed=seed)
+        route = await router.route(RoutingRequest(model="m", endpoint="generate", text=f"{seed} " * 3000))
         assert route.worker.url == "http://b", route.decision.reason
+        views = {view.key: view for view in router._tables["m"].base}
+        assert views[TargetKey("http://a", 1)].sibling_prefill_tokens == 30_000
+        assert views[TargetKey("http://a", 0)].sibling_prefill_tokens == 0
         await router.finish(route, Outcome(ok=True))
-    views = {view.key: view for view in router._tables["m"].base}
-    assert views[TargetKey("http://a", 1)].sibling_prefill_tokens == 30_000
-    assert views[TargetKey("http://a", 0)].sibling_prefill_tokens == 0
-    await router.aclose()
+        await router.aclose()
