@@ -11,8 +11,8 @@ from __future__ import annotations
 from policies.types import RequestFeatures, TargetView
 
 __all__ = [
-    "estimate",
     "SIBLING_PREFILL_WEIGHT",
+    "estimate",
     "prefill_s",
     "queue_wait_s",
     "queued_prefill_tokens",
