@@ -112,25 +112,7 @@ def estimate(
 
 
 def ttft_s(features: RequestFeatures, target: TargetView) -> float:
-    """Estimated time to first token of ``features`` on ``target``, in seconds.
-
-    Equals ``queue_wait_s(target) + uncached_tokens(features, target) / speed``, written out in one
-    body because it runs for every candidate of every decision.
-    """
-    speed = target.prefill_tokens_per_s
-    speed = max(speed, _MIN_PREFILL_TOKENS_PER_S)
-    own = target.inflight_prefill_tokens
-    reported = target.reported_waiting_tokens
-    if reported is not None and reported > own:
-        own = reported
-    queued = own + SIBLING_PREFILL_WEIGHT * target.sibling_prefill_tokens
-    prompt = features.prompt_tokens
-    cached = target.predicted_cached_tokens
-    if cached > prompt - 1:
-        cached = prompt - 1 if prompt > 0 else 0
-    uncached = prompt - cached
-    uncached = max(uncached, 1)
-    seconds = (queued + uncached) / speed
-    if target.inflight_requests > 0 or target.reported_running or target.reported_waiting:
-        seconds += 0.5 * target.decode_step_s
-    return seconds
+    """Estimated time to first token of ``features`` on ``target``, in seconds: queue wait
+    (``queue_wait_s``) + this prompt's uncached prefill (``prefill_s``), from ``estimate``'s one pass."""
+    _, wait, prefill, _ = estimate(features, target, 0.0, 0.0)
+    return wait + prefill

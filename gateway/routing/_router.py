@@ -217,7 +217,7 @@ def _choices_with_headroom(features: RequestFeatures, ranked: Sequence[TargetVie
         headroom = 0
         if position + 1 < len(ranked):
             margin_s = estimates[position + 1] - estimates[position]
-            per_request_s = cost.uncached_tokens(features, view) / max(view.prefill_tokens_per_s, 1.0)
+            per_request_s = cost.prefill_s(features, view)
             if margin_s > 0:
                 headroom = min(int(margin_s / per_request_s), _MAX_HEADROOM)
         choices.append(Choice(view.key, view.inflight_requests + headroom))
