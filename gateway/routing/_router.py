@@ -286,6 +286,7 @@ class _Table(Generic[W]):
         "position",
         "rebuilt_at",
         "report_version",
+        "server_places",
         "signature",
         "total_inflight",
         "workers",
@@ -296,6 +297,8 @@ class _Table(Generic[W]):
         self.workers = workers
         self.base: list[TargetView] = []
         self.position: dict[TargetKey, int] = {}
+        # Positions in ``base`` of each multi-rank server's ranks (sibling sums read them).
+        self.server_places: dict[str, list[int]] = {}
         self.load_version = -1
         self.loads_at = float("-inf")
         self.rebuilt_at = float("-inf")
@@ -447,14 +450,11 @@ class Router(Generic[W]):
     def _sync_siblings(self, table: _Table[W], urls: Iterable[str]) -> None:
         """Set each DP rank's ``sibling_prefill_tokens`` (the queued prefill of its server's other
         ranks) for the servers in ``urls``; views are replaced only where the sum moved."""
-        base, position = table.base, table.position
+        base = table.base
         for url in urls:
-            worker = table.workers.get(url)
-            if worker is None or worker.dp_size <= 1:
+            places = table.server_places.get(url)
+            if places is None:
                 continue
-            places = [
-                position[key] for rank in range(worker.dp_size) if (key := TargetKey(url, rank)) in position
-            ]
             own = [cost.queued_prefill_tokens(base[place]) for place in places]
             total = sum(own)
             for place, queued in zip(places, own, strict=True):
@@ -529,7 +529,12 @@ class Router(Generic[W]):
                 views.append(self._view(worker, key, state))
         table.base = views
         table.position = {view.key: i for i, view in enumerate(views)}
-        self._sync_siblings(table, table.workers)
+        places: dict[str, list[int]] = {}
+        for i, view in enumerate(views):
+            if view.dp_size > 1:
+                places.setdefault(view.key.worker, []).append(i)
+        table.server_places = places
+        self._sync_siblings(table, places)
         table.total_inflight = sum(view.inflight_requests for view in views)
         table.load_version = state.version
         table.loads_at = table.rebuilt_at = now
